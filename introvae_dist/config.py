@@ -1,0 +1,277 @@
+"""Typed run configuration: YAML presets plus dotted overrides, validated before any work.
+
+The only module that reads YAML. Each section is a dataclass that documents its fields and
+validates itself; components receive their own section only. Unknown keys and wrong types are
+rejected with the file and the dotted key named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from introvae_dist.models import num_stages, table3_widths
+
+
+class ConfigError(ValueError):
+    """A configuration file, key or value is not what the trainer expects."""
+
+
+@dataclass
+class ModelConfig:
+    """The networks of Table 3 (Appendix B)."""
+
+    resolution_px: int = 128
+    latent_dim: int = 256
+    #: Width per stage, highest resolution first; null takes Table 3's widths.
+    widths: list[int] | None = None
+    #: "batch" (authors' code), "group", or "none"; group/none do not depend on the split.
+    norm: Literal["batch", "group", "none"] = "batch"
+    #: Recompute activations inside residual blocks in the backward pass.
+    checkpoint_blocks: bool = True
+
+    def resolved_widths(self) -> tuple[int, ...]:
+        return tuple(self.widths) if self.widths is not None else table3_widths(self.resolution_px)
+
+    def validate(self) -> None:
+        try:
+            stages = num_stages(self.resolution_px)
+        except ValueError as e:
+            raise ConfigError(f"model.resolution_px: {e}") from None
+        if self.widths is None and self.resolution_px > 1024:
+            raise ConfigError(f"model.resolution_px={self.resolution_px}: Table 3 ends at 1024; give model.widths")
+        if self.widths is not None and (len(self.widths) != stages or min(self.widths) < 1):
+            raise ConfigError(
+                f"model.widths={self.widths}: expected {stages} positive widths for "
+                f"resolution_px={self.resolution_px}"
+            )
+        _positive("model.latent_dim", self.latent_dim)
+
+
+@dataclass
+class LossConfig:
+    """alpha, beta, m of Eq. 11-12 (Sec. 4.1), Eq. 10's factor, and the VAE warm-up."""
+
+    alpha: float = 0.25
+    beta: float = 0.5
+    margin: float = 110.0
+    #: 0.5 as in Eq. 10; 1.0 reproduces the authors' code.
+    l_ae_factor: float = 0.5
+    #: Images trained as a plain VAE (alpha = 0) before the adversarial phase (Sec. 4.1).
+    warmup_images: int = 0
+
+    def validate(self) -> None:
+        for name in ("alpha", "beta", "margin", "l_ae_factor", "warmup_images"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"loss.{name}={getattr(self, name)}: expected a value >= 0")
+
+
+@dataclass
+class EngineConfig:
+    """One DeepSpeed engine (one per network): ZeRO stage, precision and Adam."""
+
+    zero_stage: int = 1
+    #: "bf16": bf16 weights and activations, fp32 master weights in the optimiser.
+    precision: Literal["bf16", "fp32"] = "bf16"
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+
+    def validate(self, section: str) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"{section}.zero_stage={self.zero_stage}: expected 0, 1, 2 or 3")
+        if self.lr <= 0:
+            raise ConfigError(f"{section}.lr={self.lr}: expected a positive learning rate")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"{section}.betas={self.betas}: expected two values in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    """Where the training shards are and how they are read."""
+
+    #: A shard folder, brace pattern (x-{000000..000009}.tar), glob, or pipe:/http URL.
+    shards: str = "shards/synthetic"
+    num_workers: int = 2
+    shuffle_buffer: int = 256
+    hflip: bool = True
+
+    def validate(self) -> None:
+        if not self.shards.strip():
+            raise ConfigError("data.shards is empty: expected a shard folder, pattern or URL")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers}: expected >= 0")
+        _positive("data.shuffle_buffer", self.shuffle_buffer)
+
+
+@dataclass
+class TrainConfig:
+    """Batch, length, seed and the intervals of logs, sample grids and checkpoints."""
+
+    #: Images per optimiser step over all ranks; must divide evenly by the number of ranks.
+    batch_global: int = 8
+    total_steps: int = 1000
+    seed: int = 0
+    log_every_steps: int = 10
+    sample_every_steps: int = 500
+    save_every_steps: int = 1000
+    #: Images per row kind (real | reconstruction | sample) in a sample grid.
+    grid_images: int = 8
+
+    def validate(self) -> None:
+        for name in ("batch_global", "total_steps", "log_every_steps", "sample_every_steps",
+                     "save_every_steps", "grid_images"):
+            _positive(f"train.{name}", getattr(self, name))
+
+
+@dataclass
+class RunConfig:
+    """Where outputs land: ROOT/NAME-NNNNN, a new numbered folder per run."""
+
+    root: str = "runs"
+    name: str = "introvae"
+
+    def validate(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"run.name={self.name!r}: expected a non-empty name without '/'")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    encoder: EngineConfig = field(default_factory=EngineConfig)
+    generator: EngineConfig = field(default_factory=EngineConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.loss.validate()
+        self.encoder.validate("encoder")
+        self.generator.validate("generator")
+        self.data.validate()
+        self.train.validate()
+        self.run.validate()
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}={value}: expected a positive value")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`, converting int -> float where allowed."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, key, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{source}: {key}: unsupported type")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{source}: {key}={value!r}: expected one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key}={value!r}: expected a list of {_type_name(item_tp)}")
+        return [_convert(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, source)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # PyYAML follows YAML 1.1, which reads "1e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{source}: {key}={value!r}: expected {tp.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix or 'top level'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key '{dotted}'; known keys here: {', '.join(known)}")
+        kwargs[key] = _convert(value, hints[key], dotted, source)
+    return cls(**kwargs)
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. encoder.lr=1e-4")
+    key, text = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: '{part}' is not a section")
+    value = yaml.safe_load(text) if text.strip() else ""
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML preset (or the defaults when `path` is None), apply dotted overrides,
+    type-check and validate. Raises ConfigError naming the file and key."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        raw = loaded or {}
+    for override in overrides:
+        _apply_override(raw, override)
+    if overrides:
+        source = f"{source} + command-line overrides"
+    cfg: Config = _build(Config, raw, "", source)
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved configuration as YAML (written into every run folder)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
