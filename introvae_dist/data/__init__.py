@@ -1,0 +1,1 @@
+"""Data layer: shard writing, the embedded synthetic dataset and the streaming training loader."""

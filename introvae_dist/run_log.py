@@ -1,0 +1,62 @@
+"""The training log: a JSONL file of per-step figures and a progress bar, on rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from tqdm import tqdm
+
+
+class RunLog:
+    """Appends one JSON object per step to `metrics.jsonl` and drives a tqdm bar.
+
+    The bar shows images/s and the ETA; on a non-interactive stream (a SLURM or CI log) it
+    refreshes at most every 30 s so the log stays readable.
+    """
+
+    def __init__(self, path: Path, total_steps: int, start_step: int, enabled: bool, stream: IO[str] = sys.stderr):
+        self.enabled = enabled
+        self._file = path.open("a", buffering=1) if enabled else None
+        interactive = bool(getattr(stream, "isatty", lambda: False)())
+        self._bar = (
+            tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=stream,
+                 mininterval=0.5 if interactive else 30.0, disable=not enabled)
+            if enabled else None
+        )
+        self._last_time = time.perf_counter()
+
+    def step(self, record: dict[str, Any], images: int) -> float:
+        """Log one step's figures; returns the images/s since the previous call."""
+        now = time.perf_counter()
+        images_per_s = images / max(now - self._last_time, 1e-9)
+        self._last_time = now
+        if not self.enabled:
+            return images_per_s
+        record = {**record, "images_per_s": round(images_per_s, 3), "time": time.time()}
+        assert self._file is not None and self._bar is not None
+        self._file.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+        self._bar.set_postfix(img_s=f"{images_per_s:.1f}", l_ae=f"{record['l_ae']:.1f}",
+                              kl=f"{record['kl_real']:.1f}", refresh=False)
+        self._bar.update(1)
+        return images_per_s
+
+    def message(self, text: str) -> None:
+        if self.enabled and self._bar is not None:
+            self._bar.write(text)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._file is not None:
+            self._file.close()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf
+    return value

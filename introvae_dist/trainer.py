@@ -1,0 +1,252 @@
+"""Builds everything from the config and runs Algorithm 1 over the shard stream.
+
+Order matters for users: every check of their input (config, shards, batch split) runs before
+any process group or engine starts, so a mistake costs seconds, not a queue slot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from introvae_dist import __version__
+from introvae_dist.algorithm import METRIC_NAMES, StepNoise, train_step
+from introvae_dist.config import Config, ConfigError, config_to_dict, dump_config
+from introvae_dist.data.loader import DataError, build_train_stream, resolve_shards, stored_image_size_px
+from introvae_dist.distributed import World, cpu_threads_per_rank
+from introvae_dist.images import save_grid
+from introvae_dist.losses import LossWeights
+from introvae_dist.models import Encoder, Generator
+from introvae_dist.run_log import RunLog
+
+#: Exit code when a loss turns NaN or infinite (documented in README).
+EXIT_NON_FINITE = 3
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss term became NaN or infinite; training stops without saving."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything derived from the config and the world before any engine starts."""
+
+    shard_urls: list[str]
+    batch_per_rank: int
+    widths: tuple[int, ...]
+
+
+def plan_run(cfg: Config, world: World) -> Plan:
+    """Check the user's input against the world; raise ConfigError/DataError with the reason."""
+    if cfg.train.batch_global % world.world_size:
+        raise ConfigError(
+            f"train.batch_global={cfg.train.batch_global} does not divide over {world.world_size} ranks; "
+            f"use a multiple of {world.world_size}"
+        )
+    batch_per_rank = cfg.train.batch_global // world.world_size
+    if cfg.model.norm == "batch" and batch_per_rank < 2:
+        raise ConfigError(
+            f"train.batch_global={cfg.train.batch_global} over {world.world_size} ranks leaves "
+            f"{batch_per_rank} image per rank; BatchNorm needs at least 2 (or set model.norm=group)"
+        )
+    urls = resolve_shards(cfg.data.shards)
+    stored_px = stored_image_size_px(urls)
+    if stored_px is not None and stored_px < cfg.model.resolution_px:
+        raise DataError(
+            f"data.shards={cfg.data.shards}: images are stored at {stored_px} px, smaller than "
+            f"model.resolution_px={cfg.model.resolution_px}; write shards at >= {cfg.model.resolution_px} px "
+            f"or train a smaller network"
+        )
+    return Plan(shard_urls=urls, batch_per_rank=batch_per_rank, widths=cfg.model.resolved_widths())
+
+
+def new_run_dir(root: Path, name: str) -> Path:
+    """ROOT/NAME-NNNNN with the next free number: a new run never writes into an old one."""
+    root.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.name.rsplit("-", 1)[1]) for p in root.glob(f"{name}-*") if p.name.rsplit("-", 1)[1].isdigit()]
+    run_dir = root / f"{name}-{max(taken, default=-1) + 1:05d}"
+    run_dir.mkdir()
+    return run_dir
+
+
+def _broadcast_object(value: object, world: World) -> object:
+    box = [value]
+    if world.world_size > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _mean_over_ranks(figures: dict[str, torch.Tensor], world: World) -> dict[str, float]:
+    """All ranks agree on the logged figures, so all stop together on a NaN."""
+    values = torch.stack([figures[name].float().cpu() for name in METRIC_NAMES])
+    if world.world_size > 1:
+        dist.all_reduce(values)
+        values /= world.world_size
+    return dict(zip(METRIC_NAMES, values.tolist()))
+
+
+class Trainer:
+    """Owns the two engines, the data stream and the run folder; `train()` runs the loop."""
+
+    def __init__(self, cfg: Config, world: World, plan: Plan) -> None:
+        # Deferred: importing DeepSpeed costs seconds; `--dry-run` never needs it.
+        from introvae_dist import engine
+
+        self.cfg, self.world, self.plan = cfg, world, plan
+        self._engine_lib = engine
+        threads = cpu_threads_per_rank(world)
+        if threads is not None and not torch.cuda.is_available():
+            torch.set_num_threads(threads)
+        engine.init_distributed()
+        run_dir = new_run_dir(Path(cfg.run.root), cfg.run.name) if world.is_main else None
+        self.run_dir = Path(str(_broadcast_object(str(run_dir) if run_dir else "", world)))
+        if world.is_main:
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+
+        torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+        m = cfg.model
+        encoder = Encoder(m.resolution_px, m.latent_dim, plan.widths, m.norm, m.checkpoint_blocks)
+        generator = Generator(m.resolution_px, m.latent_dim, plan.widths, m.norm, m.checkpoint_blocks)
+        self.enc = engine.build_engine(encoder, cfg.encoder, plan.batch_per_rank, world.world_size)
+        self.gen = engine.build_engine(generator, cfg.generator, plan.batch_per_rank, world.world_size)
+        self.device = self.enc.device
+
+        self.batches = iter(build_train_stream(
+            plan.shard_urls, m.resolution_px, plan.batch_per_rank, world.rank, world.world_size,
+            cfg.data.num_workers, cfg.train.seed, cfg.data.shuffle_buffer, cfg.data.hflip,
+        ))
+        # Per-rank noise stream: eps and z_p differ across ranks like the data does.
+        self.noise_rng = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + world.rank)
+        self.grid_real, self.grid_z = self._fixed_grid_inputs()
+        self.step = 0
+        self.images_seen = 0
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def train(self) -> Path:
+        """Run until `train.total_steps`; returns the run folder."""
+        t = self.cfg.train
+        log = RunLog(self.run_dir / "metrics.jsonl", t.total_steps, self.step, self.world.is_main)
+        log.message(f"run folder: {self.run_dir}")
+        try:
+            while self.step < t.total_steps:
+                x = next(self.batches).to(self.device)  # (B, 3, R, R) in [0, 1]
+                warmup = self.images_seen < self.cfg.loss.warmup_images
+                noise = StepNoise.sample(x.shape[0], self.cfg.model.latent_dim, self.noise_rng, self.device)
+                figures = train_step(self.enc, self.gen, x, noise, self._loss_weights(warmup))
+                self.step += 1
+                self.images_seen += t.batch_global
+                record = _mean_over_ranks(figures, self.world)
+                self._stop_if_non_finite(record)
+                record.update(step=self.step, images_seen=self.images_seen,
+                              phase="warmup" if warmup else "adversarial")
+                images_per_s = log.step(record, t.batch_global)
+                if self.step % t.log_every_steps == 0:
+                    log.message(_summary(record, images_per_s))
+                if self.step % t.sample_every_steps == 0 or self.step == t.total_steps:
+                    self.write_grid()
+                if self.step % t.save_every_steps == 0 or self.step == t.total_steps:
+                    path = self.save()
+                    log.message(f"step {self.step}: checkpoint {path}")
+        finally:
+            log.close()
+        return self.run_dir
+
+    def _loss_weights(self, warmup: bool) -> LossWeights:
+        c = self.cfg.loss
+        # VAE warm-up (Sec. 4.1): alpha = 0 reduces Eq. 11-12 to a plain VAE.
+        return LossWeights(alpha=0.0 if warmup else c.alpha, beta=c.beta, margin=c.margin, l_ae_factor=c.l_ae_factor)
+
+    def _stop_if_non_finite(self, record: dict[str, float]) -> None:
+        bad = {k: v for k, v in record.items() if not math.isfinite(v)}
+        if bad:
+            terms = ", ".join(f"{k}={v}" for k, v in record.items())
+            raise NonFiniteLoss(
+                f"step {self.step}: non-finite loss in {', '.join(bad)} ({terms}); stopping without "
+                f"saving, the last good checkpoint is kept in {self.run_dir / 'checkpoints'}"
+            )
+
+    # -- sample grids ---------------------------------------------------------------------------
+
+    def _fixed_grid_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank 0's first images and a seeded z_p, shared by all ranks (ZeRO-3 forwards are
+        collective), so every grid of a run shows the same inputs."""
+        n = self.cfg.train.grid_images
+        batches = [next(self.batches) for _ in range(math.ceil(n / self.plan.batch_per_rank))]
+        real = torch.cat(batches)[:n].contiguous()
+        if self.world.world_size > 1:
+            dist.broadcast(real, src=0)
+        z = torch.randn(n, self.cfg.model.latent_dim, generator=torch.Generator().manual_seed(self.cfg.train.seed))
+        return real.to(self.device), z.to(self.device)
+
+    @torch.no_grad()
+    def write_grid(self) -> Path:
+        """PNG of rows real | reconstruction (from mu) | sample, at eval-mode BatchNorm."""
+        enc, gen = self.enc.module, self.gen.module
+        enc.eval(), gen.eval()
+        try:
+            e_dtype, g_dtype = next(enc.parameters()).dtype, next(gen.parameters()).dtype
+            mu, _ = enc(self.grid_real.to(e_dtype))
+            rec = gen(mu.to(g_dtype))
+            sample = gen(self.grid_z.to(g_dtype))
+        finally:
+            enc.train(), gen.train()
+        path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
+        if self.world.is_main:
+            save_grid([self.grid_real, rec, sample], path)
+        return path
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        """Both engines' sharded checkpoints in their own sub-folders, then trainer state and a
+        COMPLETE marker once every rank has finished (a folder without it is not a checkpoint)."""
+        folder = self.run_dir / "checkpoints" / f"step_{self.step:08d}"
+        state = {"step": self.step, "images_seen": self.images_seen}
+        self._engine_lib.save_engine(self.enc, folder / "encoder", "ds", state)
+        self._engine_lib.save_engine(self.gen, folder / "generator", "ds", state)
+        if self.world.world_size > 1:
+            dist.barrier()
+        if self.world.is_main:
+            trainer_state = {
+                **state,
+                "phase": "warmup" if self.images_seen < self.cfg.loss.warmup_images else "adversarial",
+                "world_size": self.world.world_size,
+                "config": config_to_dict(self.cfg),
+                "versions": _versions(),
+            }
+            _write_atomic(folder / "trainer_state.json", json.dumps(trainer_state, indent=1))
+            _write_atomic(folder / "COMPLETE", "")
+        if self.world.world_size > 1:
+            dist.barrier()
+        return folder
+
+
+def _summary(record: dict[str, float | str | int], images_per_s: float) -> str:
+    return (f"step {record['step']} [{record['phase']}] L_AE {record['l_ae']:.2f} | KL real {record['kl_real']:.2f} "
+            f"| E sees rec {record['kl_rec_e']:.2f} fake {record['kl_fake_e']:.2f} | G sees rec "
+            f"{record['kl_rec_g']:.2f} fake {record['kl_fake_g']:.2f} | {images_per_s:.1f} img/s")
+
+
+def _versions() -> dict[str, str]:
+    import deepspeed
+    import webdataset
+
+    return {"introvae_dist": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "webdataset": getattr(webdataset, "__version__", "unknown"), "python": platform.python_version()}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny real shards and a runner for the real launchers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from introvae_dist.data.synthetic import write_synthetic_shards
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """64 synthetic 16 px images in 4 real WebDataset shards with a manifest."""
+    out = tmp_path_factory.mktemp("shards") / "synthetic"
+    write_synthetic_shards(out, num_images=64, size_px=16, images_per_shard=16, seed=0)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(cmd: list[str], timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run a launcher from the repo root with the package importable and one thread per rank."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+
+
+def deepspeed_cmd(num_ranks: int, script: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks),
+            "--master_port", str(free_port()), script, *args]
+
+
+def tail(proc: subprocess.CompletedProcess[str], chars: int = 4000) -> str:
+    return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-chars:]}\n--- stderr ---\n{proc.stderr[-chars:]}"

@@ -1,0 +1,137 @@
+"""The real entry point, end to end: deepspeed launcher, torchrun, plain python; bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import deepspeed_cmd, free_port, run, tail
+
+TINY = ["model.resolution_px=16", "model.widths=[8,16]", "model.latent_dim=8", "data.num_workers=1",
+        "train.batch_global=4", "train.log_every_steps=2", "loss.warmup_images=8", "loss.margin=4"]
+
+
+def _overrides(shards: Path, root: Path, steps: int, *extra: str) -> list[str]:
+    return [f"data.shards={shards}", f"run.root={root}", f"train.total_steps={steps}", *TINY, *extra]
+
+
+def _only_run(root: Path) -> Path:
+    runs = sorted(root.iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def _check_run(run_dir: Path, steps: int, saves: list[int]) -> list[dict[str, object]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    for key in ("l_ae", "kl_real", "kl_rec_e", "kl_fake_e", "kl_rec_g", "kl_fake_g", "loss_e", "loss_g"):
+        assert all(isinstance(r[key], float) for r in records), key
+    assert records[0]["phase"] == "warmup" and records[-1]["phase"] == "adversarial"
+    assert (run_dir / "config.yaml").is_file()
+    assert sorted(p.name for p in (run_dir / "samples").glob("*.png"))
+    for step in saves:
+        folder = run_dir / "checkpoints" / f"step_{step:08d}"
+        assert (folder / "COMPLETE").is_file(), folder
+        for net in ("encoder", "generator"):  # file names differ by ZeRO stage
+            assert list((folder / net / "ds").glob("*model_states.pt")), folder / net
+            assert list((folder / net / "ds").glob("*optim_states.pt")), folder / net
+        assert json.loads((folder / "trainer_state.json").read_text())["step"] == step
+    return records
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_two_ranks_trains_and_saves(tiny_shards: Path, tmp_path: Path) -> None:
+    args = _overrides(tiny_shards, tmp_path / "runs", 6, "train.sample_every_steps=3", "train.save_every_steps=3",
+                      "encoder.zero_stage=2", "generator.zero_stage=3")
+    proc = run(deepspeed_cmd(2, "launchers/train.py", "--config", "configs/cpu_synthetic.yaml", *args))
+    assert proc.returncode == 0, tail(proc)
+    run_dir = _only_run(tmp_path / "runs")
+    _check_run(run_dir, 6, saves=[3, 6])
+    assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["step_00000003.png", "step_00000006.png"]
+    state = json.loads((run_dir / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["images_seen"] == 24
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_trains(tiny_shards: Path, tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "launchers/train.py", "--config", "configs/cpu_synthetic.yaml",
+           *_overrides(tiny_shards, tmp_path / "runs", 3, "encoder.precision=fp32", "generator.zero_stage=1")]
+    proc = run(cmd)
+    assert proc.returncode == 0, tail(proc)
+    _check_run(_only_run(tmp_path / "runs"), 3, saves=[3])
+
+
+def test_plain_python_one_process_trains(tiny_shards: Path, tmp_path: Path) -> None:
+    proc = run([sys.executable, "launchers/train.py", "--config", "configs/cpu_synthetic.yaml",
+                *_overrides(tiny_shards, tmp_path / "runs", 4, "model.checkpoint_blocks=false")])
+    assert proc.returncode == 0, tail(proc)
+    _check_run(_only_run(tmp_path / "runs"), 4, saves=[4])
+    # A second run never writes into the first one's folder.
+    proc = run([sys.executable, "launchers/train.py", "--config", "configs/cpu_synthetic.yaml",
+                *_overrides(tiny_shards, tmp_path / "runs", 1)])
+    assert proc.returncode == 0, tail(proc)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["cpu-synthetic-00000", "cpu-synthetic-00001"]
+
+
+def test_dry_run_prints_the_resolved_config_and_starts_nothing(tiny_shards: Path, tmp_path: Path) -> None:
+    proc = run([sys.executable, "launchers/train.py", "--config", "configs/cpu_synthetic.yaml", "--dry-run",
+                *_overrides(tiny_shards, tmp_path / "runs", 5, "encoder.lr=1e-4")])
+    assert proc.returncode == 0, tail(proc)
+    assert "lr: 0.0001" in proc.stdout and "total_steps: 5" in proc.stdout and "# world: 1 rank(s)" in proc.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_non_finite_loss_stops_with_step_and_terms_and_saves_nothing(tiny_shards: Path, tmp_path: Path) -> None:
+    proc = run([sys.executable, "launchers/train.py", "--config", "configs/cpu_synthetic.yaml",
+                *_overrides(tiny_shards, tmp_path / "runs", 4, "loss.beta=1.0e38", "encoder.precision=fp32",
+                            "generator.precision=fp32")])
+    assert proc.returncode == 3, tail(proc)
+    assert "step 1: non-finite loss in" in proc.stderr and "l_ae=" in proc.stderr and "loss_e" in proc.stderr
+    assert not (_only_run(tmp_path / "runs") / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("data.shards={missing}", "x-000000.tar' from brace pattern"),
+        ("data.shards={empty}", "holds no *.tar files"),
+        ("train.batch_gobal=4", "unknown key 'train.batch_gobal'"),
+        ("model.resolution_px=32", "stored at 16 px, smaller than model.resolution_px=32"),
+        ("model.resolution_px=24", "resolution_px=24"),
+        ("train.batch_global=abc", "train.batch_global='abc': expected int"),
+    ],
+)
+def test_bad_input_fails_before_any_engine_starts(
+    tiny_shards: Path, tmp_path: Path, override: str, message: str
+) -> None:
+    (tmp_path / "empty").mkdir()
+    override = override.format(missing=tmp_path / "nope" / "x-{000000..000003}.tar", empty=tmp_path / "empty")
+    args = _overrides(tiny_shards, tmp_path / "runs", 2)
+    if override.startswith("model.resolution_px=32"):
+        args = [a for a in args if not a.startswith("model.widths")] + ["model.widths=[8,16,32]"]
+    proc = run([sys.executable, "launchers/train.py", "--config", "configs/cpu_synthetic.yaml", *args, override])
+    assert proc.returncode == 2, tail(proc)
+    assert message in proc.stderr, tail(proc)
+    assert not (tmp_path / "runs").exists()  # nothing started, nothing written
+
+
+def test_missing_config_file_is_named(tmp_path: Path) -> None:
+    proc = run([sys.executable, "launchers/train.py", "--config", str(tmp_path / "nope.yaml")])
+    assert proc.returncode == 2 and "nope.yaml: config file not found" in proc.stderr, tail(proc)
+
+
+def test_batch_that_does_not_divide_over_ranks_is_refused(tiny_shards: Path) -> None:
+    from introvae_dist.config import ConfigError, load_config
+    from introvae_dist.distributed import World
+    from introvae_dist.trainer import plan_run
+
+    cfg = load_config(None, [f"data.shards={tiny_shards}", "train.batch_global=6", "model.resolution_px=16",
+                             "model.widths=[8,16]"])
+    with pytest.raises(ConfigError, match="batch_global=6 does not divide over 4 ranks"):
+        plan_run(cfg, World(rank=0, local_rank=0, world_size=4, local_world_size=4))
+    with pytest.raises(ConfigError, match="BatchNorm needs at least 2"):
+        plan_run(cfg, World(rank=0, local_rank=0, world_size=6, local_world_size=6))
