@@ -52,6 +52,14 @@ def table3_widths(resolution_px: int) -> tuple[int, ...]:
     return TABLE3_WIDTHS_1024[len(TABLE3_WIDTHS_1024) - stages :]
 
 
+def _check_widths(resolution_px: int, widths: Sequence[int]) -> None:
+    if len(widths) != num_stages(resolution_px):
+        raise ValueError(
+            f"widths has {len(widths)} entries; resolution_px={resolution_px} needs "
+            f"{num_stages(resolution_px)} (one per 2x step between the image and 4x4)"
+        )
+
+
 class BatchNorm2d(nn.BatchNorm2d):
     """BatchNorm whose running statistics stay fp32 when the weights are cast to bf16.
 
@@ -174,11 +182,7 @@ class Encoder(nn.Module):
         checkpointing: bool = True,
     ) -> None:
         super().__init__()
-        if len(widths) != num_stages(resolution_px):
-            raise ValueError(
-                f"widths has {len(widths)} entries; resolution_px={resolution_px} needs "
-                f"{num_stages(resolution_px)} (one per halving down to 4x4)"
-            )
+        _check_widths(resolution_px, widths)
         self.resolution_px = resolution_px
         self.latent_dim = latent_dim
         layers: list[tuple[str, nn.Module]] = [
@@ -218,11 +222,7 @@ class Generator(nn.Module):
         checkpointing: bool = True,
     ) -> None:
         super().__init__()
-        if len(widths) != num_stages(resolution_px):
-            raise ValueError(
-                f"widths has {len(widths)} entries; resolution_px={resolution_px} needs "
-                f"{num_stages(resolution_px)} (one per doubling from 4x4)"
-            )
+        _check_widths(resolution_px, widths)
         self.resolution_px = resolution_px
         self.latent_dim = latent_dim
         self.bottom_width = widths[-1]
