@@ -1,0 +1,318 @@
+"""Images/s of one full IntroVAE training step, bf16 against fp32, through real DeepSpeed engines.
+
+What is measured: the wall time of `algorithm.train_step` (Algorithm 1: the encoder phase and
+the generator phase, each with its backward and its optimiser step) on the 128 preset's
+networks (Table 3 at 128 px, latent 256, BatchNorm, residual blocks checkpointed), at one
+rank's batch, with both networks wrapped by `engine.build_engine` as in training. Data loading
+is left out: one fixed random batch is reused, so the figure is the ceiling the step itself
+sets on training speed.
+
+How: one process, a world of one. Every variant gets its own pair of engines, built from the
+same seed. After warm-up steps the variants run in rounds (bf16, fp32, bf16, fp32, ...), so
+slow phases of a noisy machine fall on all of them alike; the median step time per variant is
+reported, and the ratio to fp32 is the figure to compare across machines. Each step also
+records its share of the cores (process CPU time / (wall time x threads)). A share well below
+1 means another process took cores during the step; with one thread per core a lost core
+stalls every parallel region, so such a step can take several times longer (seen: 3x) and by
+different factors per variant. Rounds in which any variant got less than `--min-cpu-share` are
+logged but left out of the medians.
+
+Model FLOPs per image are counted once, with `FlopCounterMode`, over one plain-PyTorch step on
+fp32 modules (forward + backward; convolutions and matmuls only, the optimiser is not counted)
+without activation checkpointing, so recomputation is not credited as useful work; the count
+that includes recomputation is reported beside it. TFLOP/s = model FLOPs / median step time.
+
+    python bench/step_throughput.py
+    python bench/step_throughput.py --no-checkpointing --steps 5 --json /tmp/step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+# Run from a checkout without installing: make the package importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from introvae_dist.algorithm import Engine, StepNoise, train_step  # noqa: E402
+from introvae_dist.config import EngineConfig  # noqa: E402
+from introvae_dist.distributed import world_from_env  # noqa: E402
+from introvae_dist.losses import LossWeights  # noqa: E402
+from introvae_dist.models import Encoder, Generator, table3_widths  # noqa: E402
+
+Precision = Literal["bf16", "fp32"]
+#: The encoder's engine and the generator's engine of one variant.
+EnginePair = tuple[Engine, Engine]
+
+#: Measured variants, in the order of every round; the last one is the reference of the ratios.
+PRECISIONS: tuple[Precision, ...] = ("bf16", "fp32")
+REFERENCE: Precision = "fp32"
+LATENT_DIM = 256
+#: Sec. 4.1's alpha, beta, m: the adversarial phase (alpha > 0), as after the VAE warm-up.
+WEIGHTS = LossWeights(alpha=0.25, beta=0.5, margin=110.0)
+#: Batch of the FLOP count; conv and matmul FLOPs are linear in the batch, BatchNorm needs >= 2.
+FLOP_COUNT_BATCH = 2
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What one run measures; every variant shares it."""
+
+    resolution_px: int
+    batch_per_rank: int
+    zero_stage: int
+    checkpointing: bool
+
+
+@dataclass
+class Result:
+    """One variant's step times and the figures derived from them."""
+
+    variant: str
+    step_s: list[float]
+    cpu_share: list[float]
+    #: Indices into step_s of the rounds the medians are taken over.
+    rounds_used: list[int]
+    median_step_s: float
+    images_per_s: float
+    ratio_to_reference: float
+    model_tflop_per_s: float
+    median_cpu_share: float
+
+
+class PlainEngine:
+    """The duck-typed engine of `algorithm.Engine` over a bare module and Adam (no DeepSpeed)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self._optimizer = torch.optim.Adam(module.parameters(), lr=2e-4)
+
+    def __call__(self, x: torch.Tensor) -> object:
+        return self.module(x)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+
+
+def build_networks(resolution_px: int, checkpointing: bool) -> tuple[Encoder, Generator]:
+    """E and G of the preset (Table 3 widths, BatchNorm), seeded: every variant starts alike."""
+    torch.manual_seed(SEED)
+    widths = table3_widths(resolution_px)
+    enc = Encoder(resolution_px, LATENT_DIM, widths, "batch", checkpointing)
+    gen = Generator(resolution_px, LATENT_DIM, widths, "batch", checkpointing)
+    return enc, gen
+
+
+def step_inputs(resolution_px: int, batch: int, seed: int) -> tuple[torch.Tensor, StepNoise]:
+    """A random image batch (B, 3, R, R) in [0, 1] and the step's noise."""
+    rng = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, 3, resolution_px, resolution_px, generator=rng)
+    return x, StepNoise.sample(batch, LATENT_DIM, rng, torch.device("cpu"))
+
+
+def count_step_flops_per_image(resolution_px: int, checkpointing: bool) -> float:
+    """FLOPs per image of one plain-PyTorch fp32 train_step (forward + backward)."""
+    enc, gen = build_networks(resolution_px, checkpointing)
+    x, noise = step_inputs(resolution_px, FLOP_COUNT_BATCH, SEED)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        train_step(PlainEngine(enc), PlainEngine(gen), x, noise, WEIGHTS)
+    return counter.get_total_flops() / FLOP_COUNT_BATCH
+
+
+def build_variant(setup: Setup, precision: Precision) -> EnginePair:
+    """The encoder and generator engines of one precision (DeepSpeed, as in training)."""
+    from introvae_dist import engine  # imports DeepSpeed
+
+    cfg = EngineConfig(zero_stage=setup.zero_stage, precision=precision)
+    enc, gen = build_networks(setup.resolution_px, setup.checkpointing)
+    return (engine.build_engine(enc, cfg, setup.batch_per_rank, world_size=1),
+            engine.build_engine(gen, cfg, setup.batch_per_rank, world_size=1))
+
+
+def param_dtype(engine: Engine) -> torch.dtype:
+    return next(engine.module.parameters()).dtype
+
+
+def timed_step(engines: EnginePair, x: torch.Tensor, noise: StepNoise) -> tuple[float, float]:
+    """Wall seconds of one train_step, and the share of the cores this process got meanwhile.
+
+    The share is process CPU time / (wall time x threads): well below 1 means other processes
+    took cores during the step, so its time says more about the machine than about the step.
+    Reading a figure waits for any asynchronous work.
+    """
+    enc, gen = engines
+    start, cpu_start = time.perf_counter(), time.process_time()
+    figures = train_step(enc, gen, x, noise, WEIGHTS)
+    figures["loss_g"].item()
+    wall = time.perf_counter() - start
+    return wall, (time.process_time() - cpu_start) / (wall * torch.get_num_threads())
+
+
+@dataclass
+class StepTimes:
+    """One variant's timed steps: wall seconds and the share of the cores it got."""
+
+    wall_s: list[float]
+    cpu_share: list[float]
+
+
+def run_rounds(variants: dict[str, EnginePair], setup: Setup, warmup_steps: int,
+               steps: int) -> dict[str, StepTimes]:
+    """Warm-up rounds, then `steps` timed rounds; each round runs every variant once, in order."""
+    x, noise = step_inputs(setup.resolution_px, setup.batch_per_rank, SEED + 1)
+    times = {name: StepTimes([], []) for name in variants}
+    for round_index in range(warmup_steps + steps):
+        warm = round_index < warmup_steps
+        for name, engines in variants.items():
+            wall, share = timed_step(engines, x, noise)
+            if not warm:
+                times[name].wall_s.append(wall)
+                times[name].cpu_share.append(share)
+            label = f"warm-up {round_index + 1}" if warm else f"round {round_index - warmup_steps + 1}"
+            print(f"  {label:>10} {name:>5}: {wall:7.2f} s, cpu share {share:4.2f}", flush=True)
+    return times
+
+
+def clean_rounds(times: dict[str, StepTimes], min_cpu_share: float) -> list[int]:
+    """Indices of the timed rounds in which every variant had at least `min_cpu_share`."""
+    rounds = len(next(iter(times.values())).wall_s)
+    return [i for i in range(rounds) if all(t.cpu_share[i] >= min_cpu_share for t in times.values())]
+
+
+def summarise(times: dict[str, StepTimes], rounds: list[int], batch: int, model_flops_per_image: float) -> list[Result]:
+    """Medians over `rounds` per variant, and the figures derived from them."""
+    medians = {name: statistics.median(t.wall_s[i] for i in rounds) for name, t in times.items()}
+    reference = medians[REFERENCE]
+    return [
+        Result(variant=name, step_s=t.wall_s, cpu_share=t.cpu_share, rounds_used=rounds,
+               median_step_s=medians[name], images_per_s=batch / medians[name],
+               ratio_to_reference=reference / medians[name],
+               model_tflop_per_s=model_flops_per_image * batch / medians[name] / 1e12,
+               median_cpu_share=statistics.median(t.cpu_share[i] for i in rounds))
+        for name, t in times.items()
+    ]
+
+
+def format_table(results: list[Result]) -> str:
+    lines = [f"{'variant':<8} {'median s/step':>13} {'images/s':>9} {'vs ' + REFERENCE:>8} {'TFLOP/s':>8} {'cpu share':>9}"]
+    for r in results:
+        lines.append(f"{r.variant:<8} {r.median_step_s:>13.3f} {r.images_per_s:>9.3f} "
+                     f"{r.ratio_to_reference:>7.2f}x {r.model_tflop_per_s:>8.3f} {r.median_cpu_share:>9.2f}")
+    return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (what lscpu prints), else platform's guess."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resolution-px", type=int, default=128, help="image side; networks of Table 3 at this size")
+    parser.add_argument("--batch", type=int, default=8, help="images per rank per step (>= 2 for BatchNorm)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
+    parser.add_argument("--warmup-steps", type=int, default=1, help="untimed steps per variant first")
+    parser.add_argument("--zero-stage", type=int, default=1, choices=(0, 1, 2, 3), help="ZeRO stage of both engines")
+    parser.add_argument("--no-checkpointing", action="store_true", help="keep activations instead of recomputing")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
+    parser.add_argument("--min-cpu-share", type=float, default=0.9,
+                        help="leave out rounds where a variant had less of the cores (0 keeps all)")
+    parser.add_argument("--json", type=Path, help="also write the results here as JSON")
+    args = parser.parse_args(argv)
+    if args.batch < 2 or args.steps < 1 or args.warmup_steps < 0 or args.threads < 1 or not 0 <= args.min_cpu_share <= 1:
+        parser.error("expected --batch >= 2, --steps >= 1, --warmup-steps >= 0, --threads >= 1, "
+                     "0 <= --min-cpu-share <= 1")
+    return args
+
+
+def header(command: str, setup: Setup, args: argparse.Namespace, model_flops: float, executed_flops: float,
+           variants: dict[str, EnginePair], load_at_start: float) -> str:
+    """The lines printed above the per-step log: command, machine, setup, FLOPs, dtypes."""
+    recompute = f"executed with recomputation {executed_flops / 1e9:.1f}" if setup.checkpointing else "no recomputation"
+    dtypes = ", ".join(f"{name} {param_dtype(e)}/{param_dtype(g)}" for name, (e, g) in variants.items())
+    return "\n".join([
+        f"# {command}",
+        f"# {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; torch {torch.__version__}; "
+        f"1-min load average at start {load_at_start:.2f}",
+        f"# {asdict(setup)}; {args.warmup_steps} warm-up + {args.steps} timed steps per variant, interleaved",
+        f"# model GFLOP per image per step {model_flops / 1e9:.1f} (forward + backward); {recompute}",
+        f"# parameter dtypes (E, G): {dtypes}",
+    ])
+
+
+def rounds_for_medians(times: dict[str, StepTimes], min_cpu_share: float) -> tuple[list[int], str]:
+    """The clean rounds and a line saying so; all rounds and a warning when none is clean."""
+    rounds = clean_rounds(times, min_cpu_share)
+    total = len(next(iter(times.values())).wall_s)
+    if rounds:
+        return rounds, (f"# medians over {len(rounds)} of {total} rounds (left out: rounds where a variant "
+                        f"had < {min_cpu_share:.2f} of the cores)")
+    return list(range(total)), (f"# WARNING: every round had a variant with < {min_cpu_share:.2f} of the cores; "
+                                f"another process was running, so the medians below are the machine's load, "
+                                f"not the step's")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = " ".join(["python", "bench/step_throughput.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    setup = Setup(args.resolution_px, args.batch, args.zero_stage, not args.no_checkpointing)
+    torch.set_num_threads(args.threads)
+
+    # FLOPs first, on plain modules: no DeepSpeed needed for the count.
+    model_flops = count_step_flops_per_image(setup.resolution_px, checkpointing=False)
+    executed_flops = count_step_flops_per_image(setup.resolution_px, True) if setup.checkpointing else model_flops
+
+    from introvae_dist import engine  # imports DeepSpeed
+
+    world_from_env()  # a world of one: sets RANK, WORLD_SIZE, MASTER_* for DeepSpeed
+    engine.init_distributed()
+    variants = {precision: build_variant(setup, precision) for precision in PRECISIONS}
+    torch.set_num_threads(args.threads)  # after DeepSpeed's set-up, in case it changed them
+    load_at_start = os.getloadavg()[0]
+    print(header(command, setup, args, model_flops, executed_flops, variants, load_at_start), flush=True)
+
+    times = run_rounds(variants, setup, args.warmup_steps, args.steps)
+    rounds, note = rounds_for_medians(times, args.min_cpu_share)
+    results = summarise(times, rounds, setup.batch_per_rank, model_flops)
+    print(note)
+    print(format_table(results))
+
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "command": command, "cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "load_average_at_start": load_at_start, "setup": asdict(setup),
+            "warmup_steps": args.warmup_steps, "steps": args.steps, "min_cpu_share": args.min_cpu_share,
+            "model_flops_per_image": model_flops, "executed_flops_per_image": executed_flops,
+            "results": [asdict(r) for r in results],
+        }, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
