@@ -96,11 +96,22 @@ class EngineConfig:
 class DataConfig:
     """Where the training shards are and how they are read."""
 
-    #: A shard folder, brace pattern (x-{000000..000009}.tar), glob, or pipe:/http URL.
+    #: A shard folder, manifest.json, brace pattern (x-{000000..000009}.tar), glob, or
+    #: pipe:/http URL; several joined by "::".
     shards: str = "shards/synthetic"
+    #: A local copy of the manifest of remote (pipe:/http) shards: their counts and checksums.
+    manifest: str | None = None
+    #: "epoch": each image at most once per epoch (exactly once when shards divide evenly);
+    #: "resampled": shards drawn with replacement, an endless stream. See docs/DATA.md.
+    mode: Literal["epoch", "resampled"] = "epoch"
+    #: Loader worker processes per rank; every rank x worker reads shards of its own.
     num_workers: int = 2
+    #: Encoded samples held in each worker's shuffle buffer.
     shuffle_buffer: int = 256
     hflip: bool = True
+    #: Check local shards against the manifest before training: "sha256" (split over ranks),
+    #: "size" (a stat per shard) or "none".
+    verify: Literal["sha256", "size", "none"] = "sha256"
 
     def validate(self) -> None:
         if not self.shards.strip():

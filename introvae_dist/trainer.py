@@ -19,7 +19,10 @@ import torch.distributed as dist
 from introvae_dist import __version__
 from introvae_dist.algorithm import METRIC_NAMES, StepNoise, train_step
 from introvae_dist.config import Config, ConfigError, config_to_dict, dump_config
-from introvae_dist.data.loader import DataError, build_train_stream, resolve_shards, stored_image_size_px
+from introvae_dist.data.loader import StreamSpec, TrainStream, check_stream_coverage, read_fixed_images
+from introvae_dist.data.shard_set import (
+    DataError, ShardSet, resolve_shard_set, stored_image_size_px, verify_shards, with_sample_counts,
+)
 from introvae_dist.distributed import World, cpu_threads_per_rank
 from introvae_dist.images import save_grid
 from introvae_dist.losses import LossWeights
@@ -38,7 +41,7 @@ class NonFiniteLoss(RuntimeError):
 class Plan:
     """Everything derived from the config and the world before any engine starts."""
 
-    shard_urls: list[str]
+    shard_set: ShardSet
     batch_per_rank: int
     widths: tuple[int, ...]
 
@@ -56,15 +59,43 @@ def plan_run(cfg: Config, world: World) -> Plan:
             f"train.batch_global={cfg.train.batch_global} over {world.world_size} ranks leaves "
             f"{batch_per_rank} image per rank; BatchNorm needs at least 2 (or set model.norm=group)"
         )
-    urls = resolve_shards(cfg.data.shards)
-    stored_px = stored_image_size_px(urls)
+    shard_set = resolve_shard_set(cfg.data.shards, cfg.data.manifest)
+    check_stream_coverage(len(shard_set.shards), world.world_size, cfg.data.num_workers)
+    if cfg.data.mode == "epoch":
+        shard_set = with_sample_counts(shard_set)
+    stored_px = stored_image_size_px(shard_set)
     if stored_px is not None and stored_px < cfg.model.resolution_px:
         raise DataError(
             f"data.shards={cfg.data.shards}: images are stored at {stored_px} px, smaller than "
             f"model.resolution_px={cfg.model.resolution_px}; write shards at >= {cfg.model.resolution_px} px "
             f"or train a smaller network"
         )
-    return Plan(shard_urls=urls, batch_per_rank=batch_per_rank, widths=cfg.model.resolved_widths())
+    plan = Plan(shard_set=shard_set, batch_per_rank=batch_per_rank, widths=cfg.model.resolved_widths())
+    stream_spec(cfg, world, plan).validate()  # e.g. an epoch too small for one batch per stream
+    return plan
+
+
+def stream_spec(cfg: Config, world: World, plan: Plan) -> StreamSpec:
+    """This rank's data stream as the config and the plan define it."""
+    d = cfg.data
+    return StreamSpec(plan.shard_set.shards, cfg.model.resolution_px, plan.batch_per_rank, world.rank,
+                      world.world_size, d.num_workers, cfg.train.seed, d.mode, d.shuffle_buffer, d.hflip)
+
+
+def verify_shard_set(shard_set: ShardSet, check: str, world: World) -> None:
+    """Every rank checks its share of the shards against the manifest; all raise if any fails.
+
+    Runs after the process group starts (to split the hashing) and before any engine is built.
+    """
+    problems = verify_shards(list(shard_set.shards[world.rank::world.world_size]), check)  # type: ignore[arg-type]
+    if world.world_size > 1:
+        gathered: list[list[str]] = [[] for _ in range(world.world_size)]
+        dist.all_gather_object(gathered, problems)
+        problems = [line for lines in gathered for line in lines]
+    if problems:
+        where = shard_set.manifest_path or shard_set.spec
+        raise DataError(f"{len(problems)} shard(s) do not match {where} (data.verify={check}): "
+                        + "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else ""))
 
 
 def new_run_dir(root: Path, name: str) -> Path:
@@ -83,13 +114,20 @@ def _broadcast_object(value: object, world: World) -> object:
     return box[0]
 
 
-def _mean_over_ranks(figures: dict[str, torch.Tensor], world: World) -> dict[str, float]:
-    """All ranks agree on the logged figures, so all stop together on a NaN."""
-    values = torch.stack([figures[name].float().cpu() for name in METRIC_NAMES])
+def _reduce_over_ranks(figures: dict[str, torch.Tensor], data_counts: dict[str, int], world: World) -> dict[str, float]:
+    """Loss figures averaged and data counts summed over ranks, in one collective.
+
+    All ranks agree on the result, so all stop together on a NaN.
+    """
+    losses = torch.stack([figures[name].float().cpu() for name in METRIC_NAMES])
+    counts = torch.tensor([float(v) for v in data_counts.values()])
+    values = torch.cat([losses, counts])
     if world.world_size > 1:
         dist.all_reduce(values)
-        values /= world.world_size
-    return dict(zip(METRIC_NAMES, values.tolist()))
+    values[: len(METRIC_NAMES)] /= world.world_size
+    record: dict[str, float] = dict(zip(METRIC_NAMES, values[: len(METRIC_NAMES)].tolist()))
+    record.update({f"data_{name}": int(v) for name, v in zip(data_counts, values[len(METRIC_NAMES):].tolist())})
+    return record
 
 
 class Trainer:
@@ -105,6 +143,7 @@ class Trainer:
         if threads is not None and not torch.cuda.is_available():
             torch.set_num_threads(threads)
         engine.init_distributed()
+        verify_shard_set(plan.shard_set, cfg.data.verify, world)
         run_dir = new_run_dir(Path(cfg.run.root), cfg.run.name) if world.is_main else None
         self.run_dir = Path(str(_broadcast_object(str(run_dir) if run_dir else "", world)))
         if world.is_main:
@@ -118,10 +157,7 @@ class Trainer:
         self.gen = engine.build_engine(generator, cfg.generator, plan.batch_per_rank, world.world_size)
         self.device = self.enc.device
 
-        self.batches = iter(build_train_stream(
-            plan.shard_urls, m.resolution_px, plan.batch_per_rank, world.rank, world.world_size,
-            cfg.data.num_workers, cfg.train.seed, cfg.data.shuffle_buffer, cfg.data.hflip,
-        ))
+        self.batches = TrainStream(stream_spec(cfg, world, plan))
         # Per-rank noise stream: eps and z_p differ across ranks like the data does.
         self.noise_rng = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + world.rank)
         self.grid_real, self.grid_z = self._fixed_grid_inputs()
@@ -143,9 +179,9 @@ class Trainer:
                 figures = train_step(self.enc, self.gen, x, noise, self._loss_weights(warmup))
                 self.step += 1
                 self.images_seen += t.batch_global
-                record = _mean_over_ranks(figures, self.world)
+                record = _reduce_over_ranks(figures, self.batches.stats(), self.world)
                 self._stop_if_non_finite(record)
-                record.update(step=self.step, images_seen=self.images_seen,
+                record.update(step=self.step, images_seen=self.images_seen, epoch=self.batches.epoch,
                               phase="warmup" if warmup else "adversarial")
                 images_per_s = log.step(record, t.batch_global)
                 if self.step % t.log_every_steps == 0:
@@ -176,13 +212,10 @@ class Trainer:
     # -- sample grids ---------------------------------------------------------------------------
 
     def _fixed_grid_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rank 0's first images and a seeded z_p, shared by all ranks (ZeRO-3 forwards are
-        collective), so every grid of a run shows the same inputs."""
+        """The shards' first images and a seeded z_p, the same on all ranks (ZeRO-3 forwards
+        are collective), so every grid of a run shows the same inputs."""
         n = self.cfg.train.grid_images
-        batches = [next(self.batches) for _ in range(math.ceil(n / self.plan.batch_per_rank))]
-        real = torch.cat(batches)[:n].contiguous()
-        if self.world.world_size > 1:
-            dist.broadcast(real, src=0)
+        real = read_fixed_images(self.plan.shard_set.shards, n, self.cfg.model.resolution_px)
         z = torch.randn(n, self.cfg.model.latent_dim, generator=torch.Generator().manual_seed(self.cfg.train.seed))
         return real.to(self.device), z.to(self.device)
 
@@ -232,7 +265,14 @@ class Trainer:
 def _summary(record: dict[str, float | str | int], images_per_s: float) -> str:
     return (f"step {record['step']} [{record['phase']}] L_AE {record['l_ae']:.2f} | KL real {record['kl_real']:.2f} "
             f"| E sees rec {record['kl_rec_e']:.2f} fake {record['kl_fake_e']:.2f} | G sees rec "
-            f"{record['kl_rec_g']:.2f} fake {record['kl_fake_g']:.2f} | {images_per_s:.1f} img/s")
+            f"{record['kl_rec_g']:.2f} fake {record['kl_fake_g']:.2f} | {images_per_s:.1f} img/s"
+            + _damage_note(record))
+
+
+def _damage_note(record: dict[str, float | str | int]) -> str:
+    """Shown only once data went bad, so a clean run's log stays short."""
+    skipped, damaged = record.get("data_samples_skipped", 0), record.get("data_shards_damaged", 0)
+    return f" | data: {skipped} samples skipped, {damaged} shards damaged" if skipped or damaged else ""
 
 
 def _versions() -> dict[str, str]:

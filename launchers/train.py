@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from introvae_dist.config import ConfigError, dump_config, load_config  # noqa: E402
-from introvae_dist.data.loader import DataError  # noqa: E402
+from introvae_dist.data.shard_set import DataError  # noqa: E402
 from introvae_dist.distributed import world_from_env  # noqa: E402
 from introvae_dist.trainer import EXIT_NON_FINITE, NonFiniteLoss, plan_run  # noqa: E402
 
@@ -47,13 +47,17 @@ def main(argv: list[str] | None = None) -> int:
         if world.is_main:
             print(dump_config(cfg), end="")
             print(f"# world: {world.world_size} rank(s), {plan.batch_per_rank} image(s) per rank, "
-                  f"{len(plan.shard_urls)} shard(s), widths {list(plan.widths)}")
+                  f"{len(plan.shard_set.shards)} shard(s) of {plan.shard_set.num_samples or 'unknown'} image(s) "
+                  f"read in {cfg.data.mode} mode, widths {list(plan.widths)}")
         return 0
 
     from introvae_dist.trainer import Trainer  # imports DeepSpeed
 
     try:
         run_dir = Trainer(cfg, world, plan).train()
+    except DataError as e:  # shards failing their manifest's checksums, found before training
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NON_FINITE

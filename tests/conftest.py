@@ -43,3 +43,25 @@ def deepspeed_cmd(num_ranks: int, script: str, *args: str) -> list[str]:
 
 def tail(proc: subprocess.CompletedProcess[str], chars: int = 4000) -> str:
     return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-chars:]}\n--- stderr ---\n{proc.stderr[-chars:]}"
+
+
+
+def write_indexed_shards(out_dir: Path, num_images: int, images_per_shard: int, size_px: int = 8) -> None:
+    """Shards (with a manifest) whose image i is a flat PNG of colour (i % 256, i // 256, 128),
+    so the loader's output names the images it holds (see :func:`image_indices`)."""
+    from PIL import Image
+
+    from introvae_dist.data.shard_writer import write_shards
+    from introvae_dist.data.synthetic import encode_png
+
+    samples = (
+        (f"{i:08d}", encode_png(Image.new("RGB", (size_px, size_px), (i % 256, i // 256, 128))), "png")
+        for i in range(num_images)
+    )
+    write_shards(samples, out_dir, "indexed", samples_per_shard=images_per_shard)
+
+
+def image_indices(batch: "torch.Tensor") -> list[int]:  # noqa: F821 (torch imported lazily)
+    """Inverse of :func:`write_indexed_shards`' colouring for a batch (B, 3, R, R) in [0, 1]."""
+    rgb = (batch[:, :, 0, 0] * 255).round().long()
+    return (rgb[:, 0] + 256 * rgb[:, 1]).tolist()

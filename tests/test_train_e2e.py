@@ -103,6 +103,8 @@ def test_non_finite_loss_stops_with_step_and_terms_and_saves_nothing(tiny_shards
         ("model.resolution_px=32", "stored at 16 px, smaller than model.resolution_px=32"),
         ("model.resolution_px=24", "resolution_px=24"),
         ("train.batch_global=abc", "train.batch_global='abc': expected int"),
+        ("data.num_workers=8", "4 shard(s) for 1 rank(s) x 8 loader worker(s) = 8 streams"),
+        ("data.mode=sequential", "data.mode='sequential'"),
     ],
 )
 def test_bad_input_fails_before_any_engine_starts(
@@ -135,3 +137,38 @@ def test_batch_that_does_not_divide_over_ranks_is_refused(tiny_shards: Path) -> 
         plan_run(cfg, World(rank=0, local_rank=0, world_size=4, local_world_size=4))
     with pytest.raises(ConfigError, match="BatchNorm needs at least 2"):
         plan_run(cfg, World(rank=0, local_rank=0, world_size=6, local_world_size=6))
+
+
+def _damaged_shards(out: Path) -> Path:
+    """2 shards of 8 synthetic 16 px images: one holds a corrupt JPEG, the other is cut short."""
+    from introvae_dist.data.shard_writer import write_shards
+    from introvae_dist.data.synthetic import encode_png, render_image
+
+    samples = [(f"{i:08d}", encode_png(render_image(i, 16)), "png") for i in range(16)]
+    samples[3] = ("00000003", b"\xff\xd8\xff\xe0 not a jpeg", "jpg")
+    write_shards(samples, out, "damaged", samples_per_shard=8)
+    cut = out / "damaged-000001.tar"
+    cut.write_bytes(cut.read_bytes()[: 5 * 1024 + 700])  # inside the data of a member
+    return out
+
+
+def test_damaged_shards_fail_their_checksums_before_training(tmp_path: Path) -> None:
+    shards = _damaged_shards(tmp_path / "shards")
+    proc = run([sys.executable, "launchers/train.py", "--config", "configs/cpu_synthetic.yaml",
+                *_overrides(shards, tmp_path / "runs", 2)])
+    assert proc.returncode == 2, tail(proc)
+    assert "do not match" in proc.stderr and "damaged-000001.tar" in proc.stderr, tail(proc)
+    assert str(shards / "manifest.json") in proc.stderr, tail(proc)
+    assert not (tmp_path / "runs").exists()
+    assert (shards / "damaged-000001.tar").is_file()  # the user's data is never touched
+
+
+def test_damaged_shards_are_skipped_and_counted_in_the_training_log(tmp_path: Path) -> None:
+    shards = _damaged_shards(tmp_path / "shards")
+    proc = run([sys.executable, "launchers/train.py", "--config", "configs/cpu_synthetic.yaml",
+                *_overrides(shards, tmp_path / "runs", 6, "data.verify=none", "train.log_every_steps=1")])
+    assert proc.returncode == 0, tail(proc)
+    records = [json.loads(line) for line in (_only_run(tmp_path / "runs") / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert records[-1]["data_samples_skipped"] >= 1 and records[-1]["data_shards_damaged"] >= 1
+    assert "samples skipped" in proc.stdout + proc.stderr

@@ -1,243 +1,145 @@
-"""The streaming training loader: WebDataset tar shards -> endless batches of (B, 3, R, R).
+"""The training loader: WebDataset tar shards -> an endless stream of (B, 3, R, R) batches.
 
-The pipeline is an explicit list of stages (see :func:`train_pipeline_stages`), in the style
-of open_clip's ``data.py``, so the multi-node loader can insert or swap stages:
+Every rank runs ``max(1, num_workers)`` *streams* (one per DataLoader worker), so a world of
+``ranks x workers`` streams in all. Each epoch, the shards are permuted with ``(seed, epoch)``
+and dealt out round-robin: stream ``s`` reads shards ``s, s + S, s + 2S, ...`` of that order,
+and no two streams anywhere read the same shard. Inside a stream:
 
-1. ``ResampledShards``: pick shards at random, with replacement, forever.
-2. ``tarfile_to_samples``: read the tar members into samples ``{"__key__", "png", ...}``.
-3. shuffle: a buffer of raw (still encoded) samples, cheaper to hold than decoded images.
-4. decode: first image entry -> centre crop -> resize -> optional flip -> float32 CHW.
-5. ``batched``: stack into a float32 tensor (B, 3, R, R), dropping partial batches.
+1. shards: its own, in order (``mode="epoch"``), or drawn from its own with replacement
+   (``mode="resampled"``);
+2. samples: :func:`~introvae_dist.data.tar_reader.shard_samples`, counting damaged shards;
+3. shuffle: a buffer of still-encoded samples seeded by ``(seed, epoch, rank, worker)``;
+4. decode: centre crop, resize (JPEG draft decoding when stored images are larger), flip;
+5. batch: ``B`` images, and exactly ``n_e`` batches per stream in epoch ``e``.
 
-Why resampling instead of splitting shards across ranks and workers: every (rank, worker)
-draws shards independently, so no rank can run out of data first, any shard count works with
-any world size (WebDataset's default node splitter raises when WORLD_SIZE > 1, and splitting
-fewer shards than ranks x workers leaves some with nothing), and the stream never ends, which
-is what a step-counted training loop wants.
+``n_e`` is the same for every stream, so every rank yields the same number of batches per
+epoch and the DataLoader's round-robin over workers never mixes two epochs. In epoch mode
+``n_e = min over streams of floor(images of the stream / B)``: every image is seen at most once
+per epoch, and exactly once when the shards divide evenly over streams and batches (see
+docs/DATA.md). A stream that comes up short (corrupt samples, a truncated tar) tops up from
+its own shards again rather than end early, so no rank ever waits on another. Resampled mode
+uses the same ``n_e`` for its nominal epochs, which then only re-seed the draw.
 
-Determinism: every random choice is seeded from ``(seed, rank, worker)`` (plus the iteration
-count of that worker's copy of the pipeline), never from the pid, the clock or the
-RANK/WORLD_SIZE environment variables. Two loaders built with the same arguments yield the
-same batches; ranks differ. The stream also depends on ``num_workers``, because the
-DataLoader interleaves the workers' batches.
+Determinism: everything is a function of ``(seed, epoch, rank, worker)``, never of the pid,
+clock or environment; the same arguments give the same batches.
 """
 
 from __future__ import annotations
 
-import glob
-import io
-import os
+import itertools
 import random
-import tarfile
 import warnings
-from collections.abc import Iterable, Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
 
-import braceexpand
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 
-from introvae_dist.data.shard_writer import MANIFEST_NAME, read_manifest
+from introvae_dist.data.decode import decode_and_resize, first_image_entry
+from introvae_dist.data.shard_set import DataError, ShardInfo
+from introvae_dist.data.tar_reader import ReadStats, shard_samples
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
-# Prefixes that name remote or piped shards: they cannot be checked for existence here.
-REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
-# A stream in which this many samples in a row fail to decode is broken, not just noisy:
-# raise instead of spinning forever over resampled bad shards.
+Mode = Literal["epoch", "resampled"]
+
+#: A stream in which this many samples in a row fail to decode is broken, not noisy: raise
+#: instead of spinning forever over resampled bad shards.
 MAX_CONSECUTIVE_DECODE_FAILURES = 100
+#: Nominal epoch length (batches per stream) of resampled mode when shard counts are unknown.
+RESAMPLED_EPOCH_BATCHES = 1000
 
-# Distinct tags so the shard sampler, the shuffle buffer and the augmentation RNG of one
-# (seed, rank, worker) never share a random stream.
-_STREAM_SHARDS, _STREAM_SHUFFLE, _STREAM_AUGMENT = 0, 1, 2
-
-
-class DataError(ValueError):
-    """Bad data input: a shard spec that matches nothing, a missing or empty shard, a broken stream."""
+# Distinct tags so the shard order, shard draws, shuffle buffer and augmentation of one
+# (seed, epoch, rank, worker) never share a random stream.
+_SHARD_ORDER, _SHARD_DRAW, _SHUFFLE, _AUGMENT = 0, 1, 2, 3
 
 
-def resolve_shards(spec: str) -> list[str]:
-    """Turn a shard spec into the list of shard paths or URLs to read.
+@dataclass(frozen=True)
+class StreamSpec:
+    """Everything that determines one rank's stream of batches."""
 
-    ``spec`` may be:
+    shards: tuple[ShardInfo, ...]
+    resolution_px: int
+    batch_per_rank: int
+    rank: int
+    world_size: int
+    num_workers: int
+    seed: int
+    mode: Mode = "epoch"
+    shuffle_buffer: int = 256
+    hflip: bool = True
 
-    * a directory: the shards listed by its ``manifest.json`` if it has one (each must
-      exist), else every ``*.tar`` inside, sorted;
-    * a brace pattern, e.g. ``shards/x-{000000..000007}.tar``;
-    * a glob, e.g. ``shards/*.tar``;
-    * a single file;
-    * a ``pipe:`` or ``http(s)://`` (or ``s3://``, ``gs://``) URL, returned unchecked (brace
-      patterns in it are expanded, as WebDataset itself does);
-    * several of these joined by ``::``, WebDataset's separator.
+    @property
+    def streams_per_rank(self) -> int:
+        return max(1, self.num_workers)
 
-    Raises:
-        DataError: naming the spec, when it matches nothing, a directory holds no tars, or a
-            local shard is missing or 0 bytes.
-    """
-    if "::" in spec:
-        return [url for part in spec.split("::") if part for url in resolve_shards(part)]
-    if spec.startswith(REMOTE_PREFIXES):
-        return list(braceexpand.braceexpand(spec))
+    @property
+    def num_streams(self) -> int:
+        return self.world_size * self.streams_per_rank
 
-    path = Path(os.path.expanduser(spec))
-    if path.is_dir():
-        return _shards_in_directory(path)
-    if "{" in spec:
-        paths = [os.path.expanduser(p) for p in braceexpand.braceexpand(spec)]
-        for shard in paths:
-            _check_local_shard(shard, f"brace pattern {spec!r}")
-        return paths
-    if glob.has_magic(spec):
-        paths = sorted(glob.glob(os.path.expanduser(spec)))
-        if not paths:
-            raise DataError(f"shard glob {spec!r} matches no files")
-        for shard in paths:
-            _check_local_shard(shard, f"glob {spec!r}")
-        return paths
-    if not path.exists():
-        raise DataError(f"shard path {spec!r} does not exist (expected a directory, a .tar "
-                        "file, a brace pattern like x-{000000..000007}.tar or a glob)")
-    _check_local_shard(str(path), f"shard path {spec!r}")
-    return [str(path)]
+    def validate(self) -> None:
+        """Raise ValueError/DataError for arguments no stream can be built from."""
+        for name in ("resolution_px", "batch_per_rank", "world_size", "shuffle_buffer"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
+        if self.num_workers < 0 or self.seed < 0:
+            raise ValueError(f"num_workers and seed must be >= 0, got {self.num_workers} and {self.seed}")
+        if self.mode not in ("epoch", "resampled"):
+            raise ValueError(f"mode must be 'epoch' or 'resampled', got {self.mode!r}")
+        check_stream_coverage(len(self.shards), self.world_size, self.num_workers)
+        if self.mode == "epoch":
+            if any(shard.num_samples is None for shard in self.shards):
+                raise DataError("epoch mode needs every shard's sample count (a manifest, or "
+                                "shard_set.with_sample_counts for local tars)")
+            if batches_per_stream(self, epoch=0) == 0:
+                raise DataError(
+                    f"{sum(s.num_samples for s in self.shards)} images over {self.num_streams} streams "
+                    f"({self.world_size} ranks x {self.streams_per_rank} workers) leave some stream fewer "
+                    f"than batch_per_rank={self.batch_per_rank} images per epoch; use fewer workers, "
+                    f"a smaller batch or more images"
+                )
 
 
-def stored_image_size_px(urls: list[str]) -> int | None:
-    """Side of the square centre crop of the first stored image, for a startup check.
-
-    Reads only the first readable image's header in the first shard, so it assumes the
-    shards hold images of one size (true of the synthetic set and of CelebA-HQ/LSUN exports).
-    Returns None for remote shards (``pipe:``/``http``), which cannot be peeked cheaply.
+def check_stream_coverage(num_shards: int, world_size: int, num_workers: int) -> None:
+    """Every stream needs a shard of its own: at least ranks x workers shards.
 
     Raises:
-        DataError: the first shard is not a readable tar or holds no decodable image.
+        DataError: saying how many shards to write (or how few workers to use).
     """
-    if not urls or urls[0].startswith(REMOTE_PREFIXES):
-        return None
-    shard = urls[0]
-    try:
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                extension = member.name.rsplit(".", 1)[-1].lower()
-                if not member.isfile() or extension not in IMAGE_EXTENSIONS:
-                    continue
-                stream = tar.extractfile(member)
-                try:
-                    # Image.open reads the header only; the pixels stay undecoded.
-                    with Image.open(io.BytesIO(stream.read())) as image:
-                        return min(image.size)
-                except (OSError, Image.DecompressionBombError):
-                    continue  # a corrupt first sample is skipped here as in the stream
-    except (OSError, tarfile.TarError) as exc:
-        raise DataError(f"shard {shard!r} is not a readable tar file: {exc}") from exc
-    raise DataError(f"shard {shard!r} holds no decodable image (expected one of {IMAGE_EXTENSIONS})")
+    streams = world_size * max(1, num_workers)
+    if num_shards < streams:
+        fewer_workers = num_shards // world_size
+        hint = f" or set data.num_workers <= {fewer_workers}" if fewer_workers >= 1 else ""
+        raise DataError(
+            f"{num_shards} shard(s) for {world_size} rank(s) x {max(1, num_workers)} loader worker(s) = "
+            f"{streams} streams, each of which reads shards of its own: write at least {streams} shards "
+            f"(introvae-dist shards ... --samples-per-shard <= images / {streams}){hint}"
+        )
 
 
-def decode_and_resize(image_bytes: bytes, resolution_px: int, hflip: bool, rng: random.Random) -> np.ndarray:
-    """Decode an encoded image into a float32 (3, R, R) array in [0, 1].
-
-    Centre-crops to a square, resizes (bicubic) to ``resolution_px`` if needed and, if
-    ``hflip``, mirrors left-right with probability 1/2 drawn from ``rng``.
-    Large JPEGs are decoded directly at 1/2, 1/4 or 1/8 size (``Image.draft``), never below
-    ``resolution_px``, which saves most of the decode time for e.g. 1024px CelebA-HQ at 128px.
-
-    Raises:
-        PIL.UnidentifiedImageError / OSError: the bytes are not a decodable image.
-    """
-    with Image.open(io.BytesIO(image_bytes)) as image:
-        if image.format == "JPEG" and min(image.size) > resolution_px:
-            # draft keeps both sides >= the request, so the square crop still covers R x R.
-            image.draft("RGB", (resolution_px, resolution_px))
-        image = image.convert("RGB")  # forces the full (possibly reduced) decode
-    width_px, height_px = image.size
-    side_px = min(width_px, height_px)
-    left_px, top_px = (width_px - side_px) // 2, (height_px - side_px) // 2
-    image = image.crop((left_px, top_px, left_px + side_px, top_px + side_px))
-    if side_px != resolution_px:
-        image = image.resize((resolution_px, resolution_px), Image.BICUBIC)
-    pixels = np.asarray(image, dtype=np.float32) / 255.0  # (R, R, 3)
-    if hflip and rng.random() < 0.5:
-        pixels = pixels[:, ::-1]
-    # Pillow clamps bicubic overshoot when it rounds back to uint8, so this stays in [0, 1].
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))  # (3, R, R)
+def shards_of_stream(spec: StreamSpec, epoch: int, stream: int) -> list[ShardInfo]:
+    """The shards stream ``stream`` reads in ``epoch``: its round-robin share of a seeded permutation."""
+    return [spec.shards[i] for i in _shard_order(spec, epoch)[stream::spec.num_streams]]
 
 
-def build_train_stream(
-    urls: list[str],
-    resolution_px: int,
-    batch_per_rank: int,
-    rank: int,
-    world_size: int,
-    num_workers: int,
-    seed: int,
-    shuffle_buffer: int = 256,
-    hflip: bool = True,
-) -> torch.utils.data.DataLoader:
-    """An endless, deterministic DataLoader of float32 image batches (B, 3, R, R) in [0, 1].
+def _shard_order(spec: StreamSpec, epoch: int) -> np.ndarray:
+    return np.random.default_rng(derive_seed(spec.seed, epoch, _SHARD_ORDER)).permutation(len(spec.shards))
 
-    Args:
-        urls: shard paths or URLs, e.g. from :func:`resolve_shards`.
-        resolution_px: side R of the square training images.
-        batch_per_rank: images per batch on this rank.
-        rank, world_size: this process's place in the data-parallel world; ``rank`` seeds
-            the stream so ranks see different data. Taken as arguments, not read from the
-            environment, so the caller's notion of rank is the one used. ``world_size`` is
-            only checked: with resampling nothing is split between ranks.
-        num_workers: DataLoader worker processes (0 decodes in the calling process).
-        seed: run seed; the same seed (and rank, num_workers) gives the same stream.
-        shuffle_buffer: samples held in the shuffle buffer of each worker.
-        hflip: random horizontal flips.
 
-    Corrupt samples are skipped with a warning; a stream in which every sample fails raises
-    :class:`DataError` after ``MAX_CONSECUTIVE_DECODE_FAILURES`` attempts instead of hanging.
-    """
-    if not urls:
-        raise DataError("build_train_stream got an empty shard list")
-    for name, value in (("resolution_px", resolution_px), ("batch_per_rank", batch_per_rank),
-                        ("world_size", world_size), ("shuffle_buffer", shuffle_buffer)):
-        if value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-    if num_workers < 0 or seed < 0:
-        raise ValueError(f"num_workers and seed must be non-negative, got {num_workers} and {seed}")
-
-    pipeline = wds.DataPipeline(
-        train_pipeline_stages(urls, resolution_px, batch_per_rank, rank, seed, shuffle_buffer, hflip)
+def batches_per_stream(spec: StreamSpec, epoch: int) -> int:
+    """``n_e``: batches every stream yields in ``epoch`` (the same for all, see module doc)."""
+    if any(shard.num_samples is None for shard in spec.shards):
+        return RESAMPLED_EPOCH_BATCHES
+    if spec.mode == "resampled":
+        total = sum(shard.num_samples for shard in spec.shards)  # type: ignore[misc]
+        return max(1, total // (spec.num_streams * spec.batch_per_rank))
+    order = _shard_order(spec, epoch)
+    return min(
+        sum(spec.shards[i].num_samples for i in order[stream::spec.num_streams]) // spec.batch_per_rank  # type: ignore[misc]
+        for stream in range(spec.num_streams)
     )
-    return torch.utils.data.DataLoader(
-        pipeline,
-        batch_size=None,  # the pipeline batches itself
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-    )
-
-
-def train_pipeline_stages(
-    urls: list[str],
-    resolution_px: int,
-    batch_per_rank: int,
-    rank: int,
-    seed: int,
-    shuffle_buffer: int,
-    hflip: bool,
-) -> list[Any]:
-    """The stages of the training pipeline, in order, for ``wds.DataPipeline``."""
-    return [
-        # worker_seed=_worker_index: the default mixes in RANK from the environment, which
-        # may disagree with the explicit rank; our rank is already in `seed=`.
-        wds.ResampledShards(
-            list(urls),
-            seed=derive_seed(seed, rank, _STREAM_SHARDS),
-            worker_seed=_worker_index,
-            deterministic=True,
-        ),
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
-        WorkerSeededShuffle(shuffle_buffer, seed=seed, rank=rank),
-        DecodeImages(resolution_px, hflip=hflip, seed=seed, rank=rank),
-        wds.batched(batch_per_rank, partial=False, collation_fn=collate_images),
-    ]
 
 
 def derive_seed(*parts: int) -> int:
@@ -245,107 +147,165 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0]) & 0x7FFFFFFF
 
 
-class WorkerSeededShuffle(wds.PipelineStage):
-    """``wds.shuffle`` seeded from (seed, rank, worker, iteration) when the stream starts.
+class ShardStream(torch.utils.data.IterableDataset):
+    """One rank's streams; each DataLoader worker runs the stream of its index.
 
-    ``wds.shuffle(seed=...)`` fixes its seed when the pipeline is built, in the main process,
-    before the DataLoader forks its workers: every worker would shuffle identically. This stage
-    reads the worker index inside the worker instead.
+    Yields ``(images, info)``: images float32 (B, 3, R, R) in [0, 1]; info holds the worker,
+    epoch, batch index in the epoch and the worker's cumulative :class:`ReadStats`.
     """
 
-    def __init__(self, buffer_size: int, seed: int, rank: int) -> None:
-        self.buffer_size = buffer_size
-        self.seed = seed
-        self.rank = rank
-        self.iteration = -1
+    def __init__(self, spec: StreamSpec, start_epoch: int = 0) -> None:
+        super().__init__()
+        self.spec = spec
+        self.start_epoch = start_epoch
 
-    def run(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        self.iteration += 1
-        stream_seed = derive_seed(self.seed, self.rank, _worker_index(), self.iteration, _STREAM_SHUFFLE)
-        return wds.shuffle(self.buffer_size, seed=stream_seed)(src)
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+        worker = _worker_index()
+        stream = self.spec.rank * self.spec.streams_per_rank + worker
+        stats = ReadStats()
+        for epoch in itertools.count(self.start_epoch):
+            n_batches = batches_per_stream(self.spec, epoch)
+            batches = self._batches(epoch, worker, stream, stats)
+            for index in range(n_batches):
+                images = next(batches)
+                yield images, {"worker": worker, "epoch": epoch, "batch": index, "stats": stats.as_dict()}
+            batches.close()  # closes the open shard (and its pipe: process) before the next epoch
+
+    def _batches(self, epoch: int, worker: int, stream: int, stats: ReadStats) -> Iterator[torch.Tensor]:
+        spec = self.spec
+        own = shards_of_stream(spec, epoch, stream)
+        shuffle_seed = derive_seed(spec.seed, epoch, spec.rank, worker, _SHUFFLE)
+        draw = random.Random(derive_seed(spec.seed, epoch, spec.rank, worker, _SHARD_DRAW))
+        rng = random.Random(derive_seed(spec.seed, epoch, spec.rank, worker, _AUGMENT))
+        resampled = _resampled(own, draw, stats)
+        if spec.mode == "epoch":
+            # The epoch's own shards, shuffled and drained; the resampled continuation is
+            # reached only when damaged data left this stream short of n_e batches, and tops
+            # it up from its own shards so the rank still yields exactly n_e. Chained after the
+            # shuffle, not before, so the buffer never mixes top-up samples into a clean epoch.
+            epoch_samples = (sample for shard in own for sample in shard_samples(shard, stats))
+            samples = itertools.chain(wds.shuffle(spec.shuffle_buffer, seed=shuffle_seed)(epoch_samples),
+                                      wds.shuffle(spec.shuffle_buffer, seed=shuffle_seed + 1)(resampled))
+        else:
+            samples = wds.shuffle(spec.shuffle_buffer, seed=shuffle_seed)(resampled)
+        images = _decoded(samples, spec.resolution_px, spec.hflip, rng, stats)
+        while True:
+            yield torch.from_numpy(np.stack([next(images) for _ in range(spec.batch_per_rank)]))
 
 
-class DecodeImages(wds.PipelineStage):
-    """Decode the first image entry of each sample with :func:`decode_and_resize`.
+def _resampled(shards: list[ShardInfo], draw: random.Random, stats: ReadStats) -> Iterator[dict[str, Any]]:
+    empty_in_a_row = 0
+    while True:
+        shard = draw.choice(shards)
+        before = stats.samples_read
+        yield from shard_samples(shard, stats)
+        empty_in_a_row = empty_in_a_row + 1 if stats.samples_read == before else 0
+        if empty_in_a_row >= max(10, 2 * len(shards)):
+            raise DataError(f"{empty_in_a_row} shards in a row yielded no samples (last: {shard.url}); "
+                            "the shards of this stream look unreadable")
 
-    Failures are skipped with a warning (without ``wds.warn_and_continue``'s 0.5 s sleep,
-    which with resampling would be paid again every time a bad sample comes round).
+
+def _decoded(samples: Iterator[dict[str, Any]], resolution_px: int, hflip: bool, rng: random.Random,
+             stats: ReadStats) -> Iterator[np.ndarray]:
+    """Decode each sample's image; skip and count the undecodable ones."""
+    failures_in_a_row = 0
+    for sample in samples:
+        try:
+            pixels = decode_and_resize(first_image_entry(sample), resolution_px, hflip, rng)
+        except Exception as exc:  # any bad sample is skipped, whatever the decoder raised
+            stats.samples_skipped += 1
+            failures_in_a_row += 1
+            where = f"{sample.get('__url__', '?')} key {sample.get('__key__', '?')}"
+            if failures_in_a_row >= MAX_CONSECUTIVE_DECODE_FAILURES:
+                raise DataError(f"{failures_in_a_row} samples in a row failed to decode; last: {where}: {exc!r}") from exc
+            warnings.warn(f"skipping undecodable sample {where}: {exc!r}", stacklevel=2)
+            continue
+        failures_in_a_row = 0
+        yield pixels  # (3, R, R)
+
+
+class TrainStream:
+    """The rank's iterator of batches, with its position and the summed read counts.
+
+    Wraps the DataLoader so the trainer sees plain tensors while the per-worker counts that
+    ride along with each batch are kept for the training log.
     """
 
-    def __init__(self, resolution_px: int, hflip: bool, seed: int, rank: int) -> None:
-        self.resolution_px = resolution_px
-        self.hflip = hflip
-        self.seed = seed
-        self.rank = rank
-        self.iteration = -1
+    def __init__(self, spec: StreamSpec, start_epoch: int = 0) -> None:
+        spec.validate()
+        self.spec = spec
+        self.loader = torch.utils.data.DataLoader(
+            ShardStream(spec, start_epoch),
+            batch_size=None,  # the streams batch themselves
+            num_workers=spec.num_workers,
+            persistent_workers=spec.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+        self._batches: Iterator[tuple[torch.Tensor, dict[str, Any]]] | None = None
+        self._stats_by_worker: dict[int, dict[str, int]] = {}
+        self.epoch = start_epoch
+        self.batch_in_epoch = -1
 
-    def run(self, src: Iterable[dict[str, Any]]) -> Iterator[np.ndarray]:
-        self.iteration += 1
-        stream_seed = derive_seed(self.seed, self.rank, _worker_index(), self.iteration, _STREAM_AUGMENT)
-        rng = random.Random(stream_seed)
-        return self._decode(src, rng)
+    def __iter__(self) -> TrainStream:
+        return self
 
-    def _decode(self, src: Iterable[dict[str, Any]], rng: random.Random) -> Iterator[np.ndarray]:
-        consecutive_failures = 0
-        for sample in src:
-            try:
-                image_bytes = _first_image_entry(sample)
-                pixels = decode_and_resize(image_bytes, self.resolution_px, self.hflip, rng)
-            except Exception as exc:  # any bad sample is skipped, whatever the decoder raised
-                consecutive_failures += 1
-                where = f"{sample.get('__url__', '?')} key {sample.get('__key__', '?')}"
-                if consecutive_failures >= MAX_CONSECUTIVE_DECODE_FAILURES:
-                    raise DataError(
-                        f"{consecutive_failures} samples in a row failed to decode; last: {where}: {exc!r}"
-                    ) from exc
-                warnings.warn(f"skipping undecodable sample {where}: {exc!r}", stacklevel=2)
-                continue
-            consecutive_failures = 0
-            yield pixels  # (3, R, R)
+    def __next__(self) -> torch.Tensor:
+        if self._batches is None:
+            self._batches = iter(self.loader)
+        images, info = next(self._batches)
+        self._stats_by_worker[info["worker"]] = info["stats"]
+        self.epoch, self.batch_in_epoch = info["epoch"], info["batch"]
+        return images
+
+    def stats(self) -> dict[str, int]:
+        """Read counts summed over this rank's workers (cumulative since the stream started)."""
+        total = ReadStats().as_dict()
+        for counts in self._stats_by_worker.values():
+            for name, value in counts.items():
+                total[name] += value
+        return total
 
 
-def collate_images(images: list[np.ndarray]) -> torch.Tensor:
-    """Stack (3, R, R) arrays into one float32 tensor (B, 3, R, R)."""
+def build_train_stream(
+    shards: list[ShardInfo] | tuple[ShardInfo, ...],
+    resolution_px: int,
+    batch_per_rank: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    seed: int,
+    mode: Mode = "epoch",
+    shuffle_buffer: int = 256,
+    hflip: bool = True,
+) -> TrainStream:
+    """An endless, deterministic stream of float32 image batches (B, 3, R, R) in [0, 1].
+
+    ``rank`` and ``world_size`` are arguments, not read from the environment, so the caller's
+    notion of rank is the one used. Raises DataError/ValueError before any worker starts.
+    """
+    spec = StreamSpec(tuple(shards), resolution_px, batch_per_rank, rank, world_size, num_workers, seed,
+                      mode, shuffle_buffer, hflip)
+    return TrainStream(spec)
+
+
+def read_fixed_images(shards: list[ShardInfo] | tuple[ShardInfo, ...], count: int, resolution_px: int) -> torch.Tensor:
+    """The first ``count`` decodable images of the shards in order, unflipped: (count, 3, R, R).
+
+    For the sample grids: the same inputs in every grid of a run, taken outside the training
+    stream so they cost it nothing and do not depend on its position.
+
+    Raises:
+        DataError: the shards hold fewer than ``count`` decodable images.
+    """
+    stats = ReadStats()
+    samples = itertools.chain.from_iterable(shard_samples(shard, stats) for shard in shards)
+    images = list(itertools.islice(_decoded(samples, resolution_px, False, random.Random(0), stats), count))
+    if len(images) < count:
+        raise DataError(f"the shards hold {len(images)} decodable images, fewer than the {count} asked for")
     return torch.from_numpy(np.stack(images))
-
-
-def _first_image_entry(sample: dict[str, Any]) -> bytes:
-    for ext in IMAGE_EXTENSIONS:
-        if ext in sample:
-            return sample[ext]
-    entries = sorted(k for k in sample if not k.startswith("__"))
-    raise DataError(f"sample has no image entry (expected one of {IMAGE_EXTENSIONS}, found {entries})")
 
 
 def _worker_index() -> int:
     """This DataLoader worker's index, 0 in the main process (module-level so it pickles)."""
     info = torch.utils.data.get_worker_info()
     return 0 if info is None else info.id
-
-
-def _shards_in_directory(directory: Path) -> list[str]:
-    manifest_path = directory / MANIFEST_NAME
-    if manifest_path.is_file():
-        try:
-            manifest = read_manifest(manifest_path)
-        except ValueError as exc:
-            raise DataError(str(exc)) from exc
-        shards = [str(directory / entry["file"]) for entry in manifest["shards"]]
-        if not shards:
-            raise DataError(f"shard manifest {manifest_path} lists no shards")
-        for shard in shards:
-            _check_local_shard(shard, f"manifest {manifest_path}")
-        return shards
-    shards = sorted(str(p) for p in directory.glob("*.tar"))
-    if not shards:
-        raise DataError(f"shard directory {str(directory)!r} holds no *.tar files and no {MANIFEST_NAME}")
-    for shard in shards:
-        _check_local_shard(shard, f"directory {str(directory)!r}")
-    return shards
-
-
-def _check_local_shard(path: str, source: str) -> None:
-    if not os.path.isfile(path):
-        raise DataError(f"shard {path!r} from {source} does not exist")
-    if os.path.getsize(path) == 0:
-        raise DataError(f"shard {path!r} from {source} is empty (0 bytes)")

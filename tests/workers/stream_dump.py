@@ -1,0 +1,42 @@
+"""One rank of a real multi-process loader run: dump which images each batch held.
+
+Started by tests/test_loader.py under torchrun, so the rank and world come from the
+environment exactly as in training (introvae_dist.distributed.world_from_env).
+
+    torchrun --nproc_per_node 2 tests/workers/stream_dump.py SHARDS MODE WORKERS BATCH STEPS SEED OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for conftest's image_indices
+
+from conftest import image_indices  # noqa: E402
+
+from introvae_dist.data.loader import build_train_stream  # noqa: E402
+from introvae_dist.data.shard_set import resolve_shard_set  # noqa: E402
+from introvae_dist.distributed import world_from_env  # noqa: E402
+
+
+def main() -> None:
+    shards, mode, workers, batch, steps, seed, out_dir = sys.argv[1:8]
+    torch.set_num_threads(1)  # two ranks on two cores
+    world = world_from_env()
+    shard_set = resolve_shard_set(shards)
+    stream = build_train_stream(shard_set.shards, 8, int(batch), world.rank, world.world_size,
+                                int(workers), int(seed), mode=mode, shuffle_buffer=8, hflip=False)
+    batches = []
+    for _ in range(int(steps)):
+        images = next(stream)
+        batches.append({"epoch": stream.epoch, "batch": stream.batch_in_epoch, "images": image_indices(images)})
+    out = Path(out_dir) / f"rank{world.rank}.json"
+    out.write_text(json.dumps({"rank": world.rank, "world_size": world.world_size, "batches": batches}))
+
+
+if __name__ == "__main__":
+    main()
