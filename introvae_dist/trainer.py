@@ -19,6 +19,7 @@ import torch.distributed as dist
 from introvae_dist import __version__
 from introvae_dist.algorithm import METRIC_NAMES, StepNoise, train_step
 from introvae_dist.config import Config, ConfigError, config_to_dict, dump_config
+from introvae_dist.data.decode import to_unit_float
 from introvae_dist.data.loader import StreamSpec, TrainStream, check_stream_coverage, read_fixed_images
 from introvae_dist.data.shard_set import (
     DataError, ShardSet, resolve_shard_set, stored_image_size_px, verify_shards, with_sample_counts,
@@ -173,7 +174,7 @@ class Trainer:
         log.message(f"run folder: {self.run_dir}")
         try:
             while self.step < t.total_steps:
-                x = next(self.batches).to(self.device)  # (B, 3, R, R) in [0, 1]
+                x = to_unit_float(next(self.batches).to(self.device, non_blocking=True))  # (B, 3, R, R)
                 warmup = self.images_seen < self.cfg.loss.warmup_images
                 noise = StepNoise.sample(x.shape[0], self.cfg.model.latent_dim, self.noise_rng, self.device)
                 figures = train_step(self.enc, self.gen, x, noise, self._loss_weights(warmup))

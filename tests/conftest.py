@@ -62,6 +62,7 @@ def write_indexed_shards(out_dir: Path, num_images: int, images_per_shard: int, 
 
 
 def image_indices(batch: "torch.Tensor") -> list[int]:  # noqa: F821 (torch imported lazily)
-    """Inverse of :func:`write_indexed_shards`' colouring for a batch (B, 3, R, R) in [0, 1]."""
-    rgb = (batch[:, :, 0, 0] * 255).round().long()
+    """Inverse of :func:`write_indexed_shards`' colouring for a batch (B, 3, R, R): uint8
+    as the stream yields it, or float in [0, 1]."""
+    rgb = (batch[:, :, 0, 0] * 255).round().long() if batch.is_floating_point() else batch[:, :, 0, 0].long()
     return (rgb[:, 0] + 256 * rgb[:, 1]).tolist()

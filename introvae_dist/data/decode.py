@@ -11,13 +11,18 @@ import random
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 
 
 def decode_and_resize(image_bytes: bytes, resolution_px: int, hflip: bool, rng: random.Random) -> np.ndarray:
-    """Decode an encoded image into a float32 (3, R, R) array in [0, 1].
+    """Decode an encoded image into a uint8 (3, R, R) array.
+
+    uint8, not float: a quarter of the bytes through the DataLoader's shared memory and the
+    host-to-GPU copy (a 1024 px image is 3 MiB instead of 12 MiB); :func:`to_unit_float`
+    converts on the device.
 
     Centre-crops to a square, resizes (bicubic) to ``resolution_px`` if needed and, if
     ``hflip``, mirrors left-right with probability 1/2 drawn from ``rng``.
@@ -42,11 +47,15 @@ def decode_and_resize(image_bytes: bytes, resolution_px: int, hflip: bool, rng: 
                              box=(left_px, top_px, left_px + side_px, top_px + side_px))
     elif width_px != height_px:
         image = image.crop((left_px, top_px, left_px + side_px, top_px + side_px))
-    pixels = np.asarray(image, dtype=np.float32) / 255.0  # (R, R, 3)
+    pixels = np.asarray(image)  # (R, R, 3) uint8
     if hflip and rng.random() < 0.5:
         pixels = pixels[:, ::-1]
-    # Pillow clamps bicubic overshoot when it rounds back to uint8, so this stays in [0, 1].
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))  # (3, R, R)
+
+
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (B, 3, R, R) -> float32 in [0, 1], the networks' input range."""
+    return images.float().div_(255.0)
 
 
 def first_image_entry(sample: dict[str, Any]) -> bytes:

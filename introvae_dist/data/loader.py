@@ -1,4 +1,4 @@
-"""The training loader: WebDataset tar shards -> an endless stream of (B, 3, R, R) batches.
+"""The training loader: WebDataset tar shards -> an endless stream of uint8 (B, 3, R, R) batches.
 
 Every rank runs ``max(1, num_workers)`` *streams* (one per DataLoader worker), so a world of
 ``ranks x workers`` streams in all. Each epoch, the shards are permuted with ``(seed, epoch)``
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from introvae_dist.data.decode import decode_and_resize, first_image_entry
+from introvae_dist.data.decode import decode_and_resize, first_image_entry, to_unit_float
 from introvae_dist.data.shard_set import DataError, ShardInfo
 from introvae_dist.data.tar_reader import ReadStats, shard_samples
 
@@ -150,7 +150,7 @@ def derive_seed(*parts: int) -> int:
 class ShardStream(torch.utils.data.IterableDataset):
     """One rank's streams; each DataLoader worker runs the stream of its index.
 
-    Yields ``(images, info)``: images float32 (B, 3, R, R) in [0, 1]; info holds the worker,
+    Yields ``(images, info)``: images uint8 (B, 3, R, R); info holds the worker,
     epoch, batch index in the epoch and the worker's cumulative :class:`ReadStats`.
     """
 
@@ -278,7 +278,10 @@ def build_train_stream(
     shuffle_buffer: int = 256,
     hflip: bool = True,
 ) -> TrainStream:
-    """An endless, deterministic stream of float32 image batches (B, 3, R, R) in [0, 1].
+    """An endless, deterministic stream of uint8 image batches (B, 3, R, R).
+
+    uint8 keeps the worker-to-trainer and host-to-device copies at a quarter of float32's
+    bytes; convert on the device with :func:`~introvae_dist.data.decode.to_unit_float`.
 
     ``rank`` and ``world_size`` are arguments, not read from the environment, so the caller's
     notion of rank is the one used. Raises DataError/ValueError before any worker starts.
@@ -289,7 +292,8 @@ def build_train_stream(
 
 
 def read_fixed_images(shards: list[ShardInfo] | tuple[ShardInfo, ...], count: int, resolution_px: int) -> torch.Tensor:
-    """The first ``count`` decodable images of the shards in order, unflipped: (count, 3, R, R).
+    """The first ``count`` decodable images of the shards in order, unflipped, as float32
+    (count, 3, R, R) in [0, 1].
 
     For the sample grids: the same inputs in every grid of a run, taken outside the training
     stream so they cost it nothing and do not depend on its position.
@@ -302,7 +306,7 @@ def read_fixed_images(shards: list[ShardInfo] | tuple[ShardInfo, ...], count: in
     images = list(itertools.islice(_decoded(samples, resolution_px, False, random.Random(0), stats), count))
     if len(images) < count:
         raise DataError(f"the shards hold {len(images)} decodable images, fewer than the {count} asked for")
-    return torch.from_numpy(np.stack(images))
+    return to_unit_float(torch.from_numpy(np.stack(images)))
 
 
 def _worker_index() -> int:
