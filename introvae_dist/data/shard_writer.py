@@ -3,29 +3,35 @@
 Layout written into ``out_dir``::
 
     NAME-000000.tar, NAME-000001.tar, ...   one tar per ``samples_per_shard`` samples
-    manifest.json                           {"name", "shards": [{"file", "num_samples",
-                                             "sha256"}], "num_samples", "params"}
+    manifest.json                           see :func:`build_manifest` for the schema
 
 Every file is written under a temporary name and moved into place with ``os.replace``, so a
 crash or a kill never leaves a half-written file under a final name; a reader that sees
 ``NAME-000003.tar`` or ``manifest.json`` sees a complete one.
+
+This module is torch-free on purpose (it writes tars with :mod:`tarfile`, not webdataset's
+``TarWriter``, whose import pulls in torch): the parallel shard writers start one process
+per worker, and each would otherwise spend a second importing torch for nothing. The tar
+members are the ones ``webdataset.TarWriter(encoder=False, mtime=0)`` writes, byte for byte.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
+import tarfile
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import webdataset as wds
-
 MANIFEST_NAME = "manifest.json"
+# Bump when the manifest schema changes incompatibly; readers and resumers compare it.
+MANIFEST_FORMAT = "introvae-dist-shards/1"
 SHARD_PATTERN = "{name}-{index:06d}.tar"
 
 # A fixed mtime for every tar member makes the shard bytes (and so the manifest's sha256) a
@@ -36,7 +42,18 @@ _TAR_MTIME_S = 0.0
 # would silently regroup files into wrong samples; a slash would create tar subfolders.
 _VALID_KEY = re.compile(r"^[^./]+$")
 _VALID_EXT = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
-_VALID_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+SHARD_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
+# Owner and mode of every tar member: webdataset's TarWriter defaults, so shards written here
+# and by webdataset are interchangeable.
+_TAR_USER = "bigdata"
+_TAR_MODE = 0o444
+
+
+class ShardInputError(ValueError):
+    """Bad input to a shard writer (path, option or existing output); the message names it.
+
+    The command line turns it into one line on stderr and exit status 2.
+    """
 
 
 def write_shards(
@@ -45,6 +62,8 @@ def write_shards(
     name: str,
     samples_per_shard: int,
     params: dict[str, Any] | None = None,
+    source: dict[str, Any] | None = None,
+    resolution_px: int | None = None,
 ) -> list[Path]:
     """Write ``(key, encoded_bytes, extension)`` samples into tar shards and a manifest.
 
@@ -57,6 +76,8 @@ def write_shards(
         samples_per_shard: samples in every shard but possibly the last.
         params: free-form JSON-serialisable description of how the data was made, stored in
             the manifest so a later run can tell whether the shards match its request.
+        source: the manifest's ``source`` record (``{"kind": ..., "path": ...}``), or None.
+        resolution_px: side of every image if all are square and equal, else None.
 
     Returns:
         The shard paths in order.
@@ -70,21 +91,21 @@ def write_shards(
     """
     if samples_per_shard <= 0:
         raise ValueError(f"samples_per_shard must be a positive integer, got {samples_per_shard}")
-    if not _VALID_NAME.match(name):
-        raise ValueError(f"shard name must match {_VALID_NAME.pattern}, got {name!r}")
+    if not SHARD_NAME_PATTERN.match(name):
+        raise ValueError(f"shard name must match {SHARD_NAME_PATTERN.pattern}, got {name!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     shard_entries: list[dict[str, Any]] = []
     shard_paths: list[Path] = []
     seen_keys: set[str] = set()
-    writer: _ShardInProgress | None = None
+    writer: ShardInProgress | None = None
     try:
         for key, data, ext in samples:
             _check_sample(key, data, ext, seen_keys)
             if writer is None:
                 final_path = out_dir / SHARD_PATTERN.format(name=name, index=len(shard_paths))
-                writer = _ShardInProgress(final_path)
+                writer = ShardInProgress(final_path)
             writer.write(key, data, ext)
             if writer.num_samples == samples_per_shard:
                 shard_entries.append(writer.finish())
@@ -101,15 +122,44 @@ def write_shards(
     if not shard_paths:
         raise ValueError(f"no samples were given for shards {name!r} in {out_dir}")
 
-    manifest = {
-        "name": name,
-        "shards": shard_entries,
-        "num_samples": sum(entry["num_samples"] for entry in shard_entries),
-        "params": params or {},
-    }
-    _write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+    manifest = build_manifest(name, source, resolution_px, params or {}, shard_entries, skipped=[])
+    write_json_atomic(out_dir / MANIFEST_NAME, manifest)
     _warn_about_stale_shards(out_dir, name, shard_paths)
     return shard_paths
+
+
+def build_manifest(
+    name: str,
+    source: dict[str, Any] | None,
+    resolution_px: int | None,
+    params: dict[str, Any],
+    shard_entries: list[dict[str, Any]],
+    skipped: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The ``manifest.json`` object; the one place that defines its schema.
+
+    ``{"format", "name", "source", "resolution_px", "params", "shards": [{"file",
+    "num_samples", "num_bytes", "sha256"}], "num_samples", "num_skipped", "skipped"}``, where
+    ``source`` is ``{"kind", "path", ...}`` or None, ``resolution_px`` the side of every stored
+    image when all are square and equal (else None), ``params`` everything that determines
+    the shard bytes, and ``skipped`` the unreadable source images (``{"index", "source",
+    "reason"}``) that the shards leave out.
+    """
+    shards = [
+        {key: entry[key] for key in ("file", "num_samples", "num_bytes", "sha256")}
+        for entry in shard_entries
+    ]
+    return {
+        "format": MANIFEST_FORMAT,
+        "name": name,
+        "source": source,
+        "resolution_px": resolution_px,
+        "params": params,
+        "shards": shards,
+        "num_samples": sum(entry["num_samples"] for entry in shards),
+        "num_skipped": len(skipped),
+        "skipped": skipped,
+    }
 
 
 def read_manifest(manifest_path: Path) -> dict[str, Any]:
@@ -141,19 +191,32 @@ def sha256_of_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-class _ShardInProgress:
+class ShardInProgress:
     """One tar shard being written to ``<final>.tmp``; ``finish`` moves it into place."""
 
     def __init__(self, final_path: Path) -> None:
-        self.final_path = final_path
-        self.tmp_path = final_path.with_name(final_path.name + ".tmp")
+        self.final_path = Path(final_path)
+        self.tmp_path = self.final_path.with_name(self.final_path.name + ".tmp")
         self.num_samples = 0
         self._stream: BinaryIO = open(self.tmp_path, "wb")
-        # encoder=False: samples are already encoded bytes and must be stored verbatim.
-        self._tar = wds.TarWriter(self._stream, encoder=False, mtime=_TAR_MTIME_S)
+        # "w|" streams straight to the file, as webdataset's TarWriter does.
+        self._tar = tarfile.open(fileobj=self._stream, mode="w|")
 
-    def write(self, key: str, data: bytes, ext: str) -> None:
-        self._tar.write({"__key__": key, ext: data})
+    def write(self, key: str, data: bytes, ext: str, extras: Mapping[str, bytes] | None = None) -> None:
+        """Add sample ``key``: ``key.ext`` holding ``data``, plus ``key.<name>`` per extra entry.
+
+        Members are written in sorted extension order with a fixed owner, mode and mtime, so
+        the tar bytes depend on the samples alone.
+        """
+        entries = {ext: data, **(extras or {})}
+        for member_ext in sorted(entries):
+            payload = bytes(entries[member_ext])
+            info = tarfile.TarInfo(f"{key}.{member_ext}")
+            info.size = len(payload)
+            info.mtime = _TAR_MTIME_S
+            info.mode = _TAR_MODE
+            info.uname = info.gname = _TAR_USER
+            self._tar.addfile(info, io.BytesIO(payload))
         self.num_samples += 1
 
     def finish(self) -> dict[str, Any]:
@@ -168,6 +231,7 @@ class _ShardInProgress:
         return {
             "file": self.final_path.name,
             "num_samples": self.num_samples,
+            "num_bytes": self.final_path.stat().st_size,
             "sha256": sha256_of_file(self.final_path),
         }
 
@@ -193,7 +257,8 @@ def _check_sample(key: str, data: bytes, ext: str, seen_keys: set[str]) -> None:
         raise ValueError(f"sample {key!r}: data must be encoded bytes, got {type(data).__name__}")
 
 
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as JSON to ``path`` via ``<path>.tmp`` + fsync + ``os.replace``."""
     tmp_path = path.with_name(path.name + ".tmp")
     try:
         with open(tmp_path, "w") as stream:

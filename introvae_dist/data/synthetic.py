@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from introvae_dist.data.shard_writer import MANIFEST_NAME, read_manifest, write_shards
+from introvae_dist.data.shard_writer import MANIFEST_FORMAT, MANIFEST_NAME, read_manifest, write_shards
 
 SHARD_NAME = "synthetic"
 # Bump when render_image changes its output, so the CLI rewrites shards made by the old code
@@ -102,7 +102,8 @@ def write_synthetic_shards(
     """Render ``num_images`` images into PNG tar shards ``synthetic-%06d.tar`` in ``out_dir``.
 
     Sample keys are ``f"{index:08d}"``. Returns the shard paths; ``manifest.json`` beside them
-    records :func:`synthetic_params`.
+    records :func:`synthetic_params`, ``source`` ``{"kind": "synthetic", "path": None}``
+    (rendered, not read from anywhere) and ``resolution_px`` = ``size_px``.
     """
     _validate_arguments(num_images=num_images, size_px=size_px, images_per_shard=images_per_shard,
                         seed=seed)
@@ -117,11 +118,13 @@ def write_synthetic_shards(
         SHARD_NAME,
         images_per_shard,
         params=synthetic_params(num_images, size_px, images_per_shard, seed),
+        source={"kind": "synthetic", "path": None},
+        resolution_px=size_px,
     )
 
 
 def shards_are_current(out_dir: Path, params: dict[str, Any]) -> bool:
-    """True when ``out_dir`` holds a manifest with exactly ``params`` and all its shards exist."""
+    """True when ``out_dir`` holds a current-format manifest with ``params`` and all its shards."""
     manifest_path = Path(out_dir) / MANIFEST_NAME
     if not manifest_path.is_file():
         return False
@@ -129,7 +132,10 @@ def shards_are_current(out_dir: Path, params: dict[str, Any]) -> bool:
         manifest = read_manifest(manifest_path)
     except ValueError:
         return False
-    if manifest.get("params") != params or not manifest["shards"]:
+    # A manifest of an older format is rewritten rather than trusted: readers expect its fields.
+    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("params") != params:
+        return False
+    if not manifest["shards"]:  # an empty dataset is never current
         return False
     return all(
         (shard := Path(out_dir) / entry["file"]).is_file() and shard.stat().st_size > 0
