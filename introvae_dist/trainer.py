@@ -20,7 +20,9 @@ from introvae_dist import __version__
 from introvae_dist.algorithm import METRIC_NAMES, StepNoise, train_step
 from introvae_dist.config import Config, ConfigError, config_to_dict, dump_config
 from introvae_dist.data.decode import to_unit_float
-from introvae_dist.data.loader import StreamSpec, TrainStream, check_stream_coverage, read_fixed_images
+from introvae_dist.data.loader import (
+    StreamSpec, TrainStream, check_stream_coverage, describe_epoch, read_fixed_images,
+)
 from introvae_dist.data.shard_set import (
     DataError, ShardSet, resolve_shard_set, stored_image_size_px, verify_shards, with_sample_counts,
 )
@@ -172,6 +174,7 @@ class Trainer:
         t = self.cfg.train
         log = RunLog(self.run_dir / "metrics.jsonl", t.total_steps, self.step, self.world.is_main)
         log.message(f"run folder: {self.run_dir}")
+        log.message(describe_epoch(self.batches.spec, self.batches.epoch))
         try:
             while self.step < t.total_steps:
                 x = to_unit_float(next(self.batches).to(self.device, non_blocking=True))  # (B, 3, R, R)

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from introvae_dist.config import ConfigError, dump_config, load_config  # noqa: E402
 from introvae_dist.data.shard_set import DataError  # noqa: E402
 from introvae_dist.distributed import world_from_env  # noqa: E402
-from introvae_dist.trainer import EXIT_NON_FINITE, NonFiniteLoss, plan_run  # noqa: E402
+from introvae_dist.data.loader import describe_epoch  # noqa: E402
+from introvae_dist.trainer import EXIT_NON_FINITE, NonFiniteLoss, plan_run, stream_spec  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# world: {world.world_size} rank(s), {plan.batch_per_rank} image(s) per rank, "
                   f"{len(plan.shard_set.shards)} shard(s) of {plan.shard_set.num_samples or 'unknown'} image(s) "
                   f"read in {cfg.data.mode} mode, widths {list(plan.widths)}")
+            print(f"# {describe_epoch(stream_spec(cfg, world, plan))}")
         return 0
 
     from introvae_dist.trainer import Trainer  # imports DeepSpeed

@@ -21,6 +21,7 @@ from introvae_dist.data.decode import decode_and_resize
 from introvae_dist.data.loader import (
     StreamSpec,
     batches_per_stream,
+    slices_of_stream,
     build_train_stream,
     check_stream_coverage,
     read_fixed_images,
@@ -200,19 +201,24 @@ def test_epoch_mode_in_process_sees_every_image_once_per_epoch(indexed_dir: Path
     assert sorted(seen) == list(range(128))
 
 
-def test_epoch_mode_batch_counts_are_equal_with_uneven_shards(tmp_path: Path) -> None:
+def test_epoch_mode_balances_streams_whatever_the_shard_sizes(tmp_path: Path) -> None:
     write_indexed_shards(tmp_path, num_images=117, images_per_shard=16)  # 7 x 16 + 1 x 5
     shards = resolve_shard_set(str(tmp_path)).shards
-    for epoch in range(4):
-        spec = StreamSpec(shards, 8, 4, 0, 2, 2, seed=1)
-        n = batches_per_stream(spec, epoch)
-        # Every stream holds 2 shards: 32 images, or 21 where the short one lands.
-        assert n == 5
-    epochs = []
+    for epoch in range(3):
+        spec = StreamSpec(shards, 8, 4, 0, 2, 3, seed=1)  # 6 streams over 8 shards of unequal size
+        slices = [slices_of_stream(spec, epoch, stream) for stream in range(6)]
+        sizes = [sum(piece.take for piece in pieces) for pieces in slices]
+        assert sum(sizes) == 117 and max(sizes) - min(sizes) <= 1  # 19 or 20 each
+        assert batches_per_stream(spec, epoch) == 4  # floor(19 / 4)
+    seen = []
     for rank in range(2):
-        stream = stream_of(tmp_path, rank=rank, world_size=2, num_workers=2, batch_per_rank=4, seed=1)
-        epochs.append([stream.epoch for _ in islice(stream, 30)])
-    assert epochs[0] == epochs[1] == [e for e in range(3) for _ in range(10)]
+        stream = stream_of(tmp_path, rank=rank, world_size=2, num_workers=3, batch_per_rank=4, seed=1)
+        epoch_0 = list(islice(stream, 12))  # 3 workers x 4 batches
+        assert stream.epoch == 0
+        next(stream)
+        assert stream.epoch == 1  # both ranks turn to epoch 1 after the same 12 batches
+        seen += [i for b in epoch_0 for i in image_indices(b)]
+    assert len(seen) == len(set(seen)) == 96  # 96 of 117 images, none twice
 
 
 def test_stream_is_deterministic_per_seed_and_differs_per_rank(synthetic_dir: Path) -> None:

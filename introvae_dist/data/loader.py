@@ -1,24 +1,28 @@
 """The training loader: WebDataset tar shards -> an endless stream of uint8 (B, 3, R, R) batches.
 
 Every rank runs ``max(1, num_workers)`` *streams* (one per DataLoader worker), so a world of
-``ranks x workers`` streams in all. Each epoch, the shards are permuted with ``(seed, epoch)``
-and dealt out round-robin: stream ``s`` reads shards ``s, s + S, s + 2S, ...`` of that order,
-and no two streams anywhere read the same shard. Inside a stream:
+``S = ranks x workers`` streams in all, each reading data no other stream reads. Each epoch
+the shards are permuted with ``(seed, epoch)`` (see :func:`slices_of_stream`):
 
-1. shards: its own, in order (``mode="epoch"``), or drawn from its own with replacement
-   (``mode="resampled"``);
-2. samples: :func:`~introvae_dist.data.tar_reader.shard_samples`, counting damaged shards;
-3. shuffle: a buffer of still-encoded samples seeded by ``(seed, epoch, rank, worker)``;
-4. decode: centre crop, resize (JPEG draft decoding when stored images are larger), flip;
-5. batch: ``B`` images, and exactly ``n_e`` batches per stream in epoch ``e``.
+* epoch mode: the permuted shards' N samples are laid end to end and stream ``s`` reads the
+  contiguous range ``[s N / S, (s + 1) N / S)``: floor or ceil of N / S images each, whatever
+  the shard sizes; a shard on a boundary is read in part by two neighbouring streams;
+* resampled mode: shards are dealt round-robin, and each stream draws from its own with
+  replacement, endlessly.
 
-``n_e`` is the same for every stream, so every rank yields the same number of batches per
-epoch and the DataLoader's round-robin over workers never mixes two epochs. In epoch mode
-``n_e = min over streams of floor(images of the stream / B)``: every image is seen at most once
-per epoch, and exactly once when the shards divide evenly over streams and batches (see
-docs/DATA.md). A stream that comes up short (corrupt samples, a truncated tar) tops up from
-its own shards again rather than end early, so no rank ever waits on another. Resampled mode
-uses the same ``n_e`` for its nominal epochs, which then only re-seed the draw.
+Inside a stream:
+
+1. samples: :func:`~introvae_dist.data.tar_reader.shard_samples`, counting damaged shards;
+2. shuffle: a buffer of still-encoded samples seeded by ``(seed, epoch, rank, worker)``;
+3. decode: centre crop, resize (JPEG draft decoding when stored images are larger), flip;
+4. batch: ``B`` images, and exactly ``n_e`` batches per stream in epoch ``e``.
+
+``n_e = floor(floor(N / S) / B)`` is the same for every stream, so every rank yields the same
+number of batches per epoch and the DataLoader's round-robin over workers never mixes two
+epochs. Every image is seen at most once per epoch; a stream leaves out fewer than B + 1 of
+its images (none when N divides by S x B). A stream that comes up short (corrupt samples, a
+truncated tar) tops up from its own shards rather than end early, so no rank ever waits on
+another. Resampled mode uses the same ``n_e`` for its nominal epochs, which only re-seed.
 
 Determinism: everything is a function of ``(seed, epoch, rank, worker)``, never of the pid,
 clock or environment; the same arguments give the same batches.
@@ -119,9 +123,39 @@ def check_stream_coverage(num_shards: int, world_size: int, num_workers: int) ->
         )
 
 
-def shards_of_stream(spec: StreamSpec, epoch: int, stream: int) -> list[ShardInfo]:
-    """The shards stream ``stream`` reads in ``epoch``: its round-robin share of a seeded permutation."""
-    return [spec.shards[i] for i in _shard_order(spec, epoch)[stream::spec.num_streams]]
+@dataclass(frozen=True)
+class ShardSlice:
+    """Samples ``[skip, skip + take)`` of one shard (``take=None``: to its end)."""
+
+    shard: ShardInfo
+    skip: int = 0
+    take: int | None = None
+
+
+def slices_of_stream(spec: StreamSpec, epoch: int, stream: int) -> list[ShardSlice]:
+    """What stream ``stream`` reads in ``epoch``.
+
+    The shards are permuted with ``(seed, epoch)``. Epoch mode lays their samples end to end
+    in that order and gives stream ``s`` of ``S`` the contiguous range
+    ``[s N / S, (s + 1) N / S)``: every stream gets floor or ceil of N / S images whatever the
+    shard sizes, and a shard on a range boundary is read in part by two neighbouring streams.
+    Resampled mode (or unknown counts) deals whole shards round-robin instead, so streams
+    draw from disjoint shard sets.
+    """
+    order = _shard_order(spec, epoch)
+    counts = [spec.shards[i].num_samples for i in order]
+    if spec.mode == "resampled" or None in counts:
+        return [ShardSlice(spec.shards[i]) for i in order[stream::spec.num_streams]]
+    total = sum(counts)  # type: ignore[arg-type]
+    low, high = stream * total // spec.num_streams, (stream + 1) * total // spec.num_streams
+    slices, start = [], 0
+    for i, count in zip(order, counts):
+        end = start + count  # type: ignore[operator]
+        if start < high and end > low and count:
+            skip = max(low, start) - start
+            slices.append(ShardSlice(spec.shards[i], skip, min(high, end) - start - skip))
+        start = end
+    return slices
 
 
 def _shard_order(spec: StreamSpec, epoch: int) -> np.ndarray:
@@ -129,17 +163,31 @@ def _shard_order(spec: StreamSpec, epoch: int) -> np.ndarray:
 
 
 def batches_per_stream(spec: StreamSpec, epoch: int) -> int:
-    """``n_e``: batches every stream yields in ``epoch`` (the same for all, see module doc)."""
+    """``n_e``: batches every stream yields in ``epoch`` (the same for all, see module doc).
+
+    Epoch mode: the shortest stream range, floor(N / S) images, in whole batches.
+    """
     if any(shard.num_samples is None for shard in spec.shards):
         return RESAMPLED_EPOCH_BATCHES
+    per_stream = sum(shard.num_samples for shard in spec.shards) // spec.num_streams  # type: ignore[misc]
     if spec.mode == "resampled":
-        total = sum(shard.num_samples for shard in spec.shards)  # type: ignore[misc]
-        return max(1, total // (spec.num_streams * spec.batch_per_rank))
-    order = _shard_order(spec, epoch)
-    return min(
-        sum(spec.shards[i].num_samples for i in order[stream::spec.num_streams]) // spec.batch_per_rank  # type: ignore[misc]
-        for stream in range(spec.num_streams)
-    )
+        return max(1, per_stream // spec.batch_per_rank)
+    return per_stream // spec.batch_per_rank
+
+
+def describe_epoch(spec: StreamSpec, epoch: int = 0) -> str:
+    """One line for the run log: streams, batches per stream, and the share of images an epoch uses."""
+    streams = f"{len(spec.shards)} shards over {spec.num_streams} streams ({spec.world_size} ranks x {spec.streams_per_rank} workers)"
+    total = sum(s.num_samples for s in spec.shards) if all(s.num_samples is not None for s in spec.shards) else None
+    n = batches_per_stream(spec, epoch)
+    if spec.mode == "resampled" or total is None:
+        return f"data: {streams}, resampled, nominal epochs of {n} batches per stream"
+    used = n * spec.batch_per_rank * spec.num_streams
+    line = f"data: {streams}, epoch {epoch}: {n} batches per stream, {used} of {total} images ({used / total:.0%})"
+    if used < 0.95 * total:
+        line += (f"; each stream leaves out its last partial batch: fewer streams (data.num_workers) "
+                 "or a smaller batch use more of a dataset this small")
+    return line
 
 
 def derive_seed(*parts: int) -> int:
@@ -173,17 +221,17 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _batches(self, epoch: int, worker: int, stream: int, stats: ReadStats) -> Iterator[torch.Tensor]:
         spec = self.spec
-        own = shards_of_stream(spec, epoch, stream)
+        own = slices_of_stream(spec, epoch, stream)
         shuffle_seed = derive_seed(spec.seed, epoch, spec.rank, worker, _SHUFFLE)
         draw = random.Random(derive_seed(spec.seed, epoch, spec.rank, worker, _SHARD_DRAW))
         rng = random.Random(derive_seed(spec.seed, epoch, spec.rank, worker, _AUGMENT))
-        resampled = _resampled(own, draw, stats)
+        resampled = _resampled([piece.shard for piece in own], draw, stats)
         if spec.mode == "epoch":
             # The epoch's own shards, shuffled and drained; the resampled continuation is
             # reached only when damaged data left this stream short of n_e batches, and tops
             # it up from its own shards so the rank still yields exactly n_e. Chained after the
             # shuffle, not before, so the buffer never mixes top-up samples into a clean epoch.
-            epoch_samples = (sample for shard in own for sample in shard_samples(shard, stats))
+            epoch_samples = (sample for piece in own for sample in shard_samples(piece.shard, stats, piece.skip, piece.take))
             samples = itertools.chain(wds.shuffle(spec.shuffle_buffer, seed=shuffle_seed)(epoch_samples),
                                       wds.shuffle(spec.shuffle_buffer, seed=shuffle_seed + 1)(resampled))
         else:

@@ -37,14 +37,16 @@ class ReadStats:
         return dict(vars(self))
 
 
-def shard_samples(shard: ShardInfo, stats: ReadStats) -> Iterator[dict[str, Any]]:
-    """Yield ``{"__key__", "__url__", ext: bytes, ...}`` for each sample of ``shard``.
+def shard_samples(shard: ShardInfo, stats: ReadStats, skip: int = 0, take: int | None = None) -> Iterator[dict[str, Any]]:
+    """Yield ``{"__key__", "__url__", ext: bytes, ...}`` for samples ``[skip, skip + take)`` of ``shard``.
 
-    A read error ends this shard (the sample being read is dropped) and counts it damaged;
-    the caller goes on with the next shard.
+    Skipped samples are read past (a tar stream cannot seek) but not returned; reading stops
+    after ``take`` samples without touching the rest. A read error ends this shard (the
+    sample being read is dropped) and counts it damaged; the caller goes on with the next.
     """
     stats.shards_read += 1
-    num_read = 0
+    end = None if take is None else skip + take
+    num_read = 0  # samples seen in the shard, returned or skipped
     try:
         with contextlib.closing(wds.gopen(shard.url)) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             key, sample = None, {}
@@ -60,20 +62,24 @@ def shard_samples(shard: ShardInfo, stats: ReadStats) -> Iterator[dict[str, Any]
                 if member_key != key:
                     if sample:
                         num_read += 1
-                        stats.samples_read += 1
-                        yield sample
+                        if num_read > skip:
+                            stats.samples_read += 1
+                            yield sample
+                        if num_read == end:
+                            return
                     key, sample = member_key, {"__key__": member_key, "__url__": shard.url}
                 sample[ext.lower()] = data
             if sample:
                 num_read += 1
-                stats.samples_read += 1
-                yield sample
+                if num_read > skip:
+                    stats.samples_read += 1
+                    yield sample
     except (OSError, EOFError, tarfile.TarError) as exc:
         stats.shards_damaged += 1
         warnings.warn(f"shard {shard.url} is damaged after {num_read} samples, going on with the "
                       f"next shard: {exc!r}", stacklevel=2)
         return
-    if shard.num_samples is not None and num_read < shard.num_samples:
+    if shard.num_samples is not None and num_read < min(shard.num_samples, end or shard.num_samples):
         stats.shards_damaged += 1
         warnings.warn(f"shard {shard.url} ended after {num_read} of the {shard.num_samples} samples "
                       "its manifest lists (truncated?)", stacklevel=2)
