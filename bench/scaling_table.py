@@ -1,8 +1,8 @@
 """Data-side requirements per node for LSUN Bedroom 256 and CelebA-HQ 1024 at 8, 64, 512 GPUs.
 
 Arithmetic, not a measurement: it combines
-* the model FLOPs per image of one training step (counted here with ``FlopCounterMode`` on the
-  meta device: no memory, no time; the same count as bench/step_throughput.py),
+* the model FLOPs per image of one training step (bench/step_throughput.py's count, on the
+  meta device),
 * a per-GPU step rate: ``--gpu-img-per-s`` if you measured one (bench/step_throughput.py on
   the GPU), else FLOPs / (``--mfu`` x ``--peak-tflops``), labelled as an estimate,
 * the loader's measured decode rate per core and bytes per image, from the JSON of
@@ -23,14 +23,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from introvae_dist.algorithm import StepNoise, train_step  # noqa: E402
-from introvae_dist.losses import LossWeights  # noqa: E402
-from introvae_dist.models import Encoder, Generator, table3_widths  # noqa: E402
+# One FLOP count for all benchmarks (bench/ is on sys.path when this runs as a script).
+from step_throughput import count_step_flops_per_image  # noqa: E402
 
 GPUS_PER_NODE = 8
 GPU_COUNTS = (8, 64, 512)
@@ -54,36 +50,6 @@ DATASETS = (
     Dataset("CelebA-HQ, 1024 px (original 1024 px JPEGs)", 30_000, 1024, 512, 8,
             ("1024", "shards"), "mean_jpeg_bytes"),
 )
-
-
-class _PlainEngine:
-    """Just enough of algorithm.Engine for counting FLOPs on bare modules."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
-
-    def __call__(self, x: torch.Tensor) -> object:
-        return self.module(x)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def step(self) -> None:
-        pass
-
-
-def step_flops_per_image(resolution_px: int, latent_dim: int) -> float:
-    """Forward + backward FLOPs of one Algorithm 1 step per image, without recomputation."""
-    with torch.device("meta"):
-        widths = table3_widths(resolution_px)
-        enc = Encoder(resolution_px, latent_dim, widths, "batch", False)
-        gen = Generator(resolution_px, latent_dim, widths, "batch", False)
-        x = torch.rand(2, 3, resolution_px, resolution_px)
-        noise = StepNoise(torch.randn(2, latent_dim), torch.randn(2, latent_dim))
-    counter = FlopCounterMode(display=False)
-    with counter:
-        train_step(_PlainEngine(enc), _PlainEngine(gen), x, noise, LossWeights(0.25, 0.5, 100.0))
-    return counter.get_total_flops() / 2
 
 
 def epoch_usage(ds: Dataset, streams: int) -> float:
@@ -110,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     measured = {int(k): float(v) for k, v in (item.split("=") for item in args.gpu_img_per_s)}
     print(f"# loader figures: {loader['command']}")
     for ds in DATASETS:
-        flops = step_flops_per_image(ds.resolution_px, ds.latent_dim)
+        flops = count_step_flops_per_image(ds.resolution_px, checkpointing=False, latent_dim=ds.latent_dim)
         if ds.resolution_px in measured:
             gpu_rate, rate_note = measured[ds.resolution_px], "measured"
         else:

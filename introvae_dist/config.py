@@ -101,8 +101,8 @@ class DataConfig:
     shards: str = "shards/synthetic"
     #: A local copy of the manifest of remote (pipe:/http) shards: their counts and checksums.
     manifest: str | None = None
-    #: "epoch": each image at most once per epoch (exactly once when shards divide evenly);
-    #: "resampled": shards drawn with replacement, an endless stream. See docs/DATA.md.
+    #: "epoch": each image at most once per epoch (each loader stream leaves out fewer than a
+    #: batch); "resampled": shards drawn with replacement, an endless stream. See docs/DATA.md.
     mode: Literal["epoch", "resampled"] = "epoch"
     #: Loader worker processes per rank; every rank x worker reads shards of its own.
     num_workers: int = 2

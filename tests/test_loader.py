@@ -189,7 +189,7 @@ def test_too_few_shards_for_ranks_times_workers_says_how_many(indexed_dir: Path)
 
 
 def test_epoch_mode_in_process_sees_every_image_once_per_epoch(indexed_dir: Path) -> None:
-    """4 streams (2 ranks x 2 streams, num_workers=0 runs one stream, so use 2 workers)."""
+    """2 ranks x 2 DataLoader workers = 4 streams, in this process (the real ranks are below)."""
     seen: list[int] = []
     for rank in range(2):
         stream = stream_of(indexed_dir, rank=rank, world_size=2, num_workers=2)
@@ -303,6 +303,14 @@ def test_stream_of_only_corrupt_samples_raises(tmp_path: Path) -> None:
     write_shards([(f"{i:08d}", b"garbage", "png") for i in range(3)], tmp_path, "bad", samples_per_shard=8)
     stream = stream_of(tmp_path, mode="resampled", batch_per_rank=2)
     with pytest.warns(UserWarning), pytest.raises(DataError, match="in a row failed to decode"):
+        next(stream)
+
+
+def test_stream_of_only_unreadable_tars_raises_instead_of_spinning(tmp_path: Path) -> None:
+    for name in ("a.tar", "b.tar"):
+        (tmp_path / name).write_bytes(b"this is not a tar archive " * 100)
+    stream = stream_of(tmp_path, mode="resampled")
+    with pytest.warns(UserWarning, match="damaged"), pytest.raises(DataError, match="yielded no samples"):
         next(stream)
 
 
