@@ -3,15 +3,16 @@
     introvae-dist shards folder   SRC --out DIR [options]   # any folder of jpg/png/webp
     introvae-dist shards lmdb     SRC --out DIR [options]   # LSUN's lmdb export
     introvae-dist shards celebahq SRC --out DIR [options]   # the 30,000 CelebA-HQ images
+    introvae-dist export CHECKPOINT --out FILE.safetensors   # fp32 weights of E and G for inference
 
-Also runnable as ``python -m introvae_dist.cli``. Later commands (``export``, ``sample``,
-``evaluate``) are siblings of ``shards``: an ``_add_<name>_command(commands)`` that registers
+Also runnable as ``python -m introvae_dist.cli``. Later commands (``sample``, ``evaluate``)
+are siblings of ``shards`` and ``export``: an ``_add_<name>_command(commands)`` that registers
 a parser whose ``run`` default takes the parsed arguments and returns the exit status.
 Commands that need torch import it inside their ``run``, so ``shards`` starts without it.
 
-Exit status: 0 done; 1 writing failed (finished shards are kept); 2 bad input, reported in
-one line on stderr naming the path or option; 130 interrupted by Ctrl-C (this run's
-``.tmp`` files removed, finished shards kept).
+Exit status: 0 done; 1 writing failed (finished shards are kept; export leaves no file);
+2 bad input, reported in one line on stderr naming the path or option; 130 interrupted by
+Ctrl-C (this run's ``.tmp`` files removed, finished shards kept).
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="IntroVAE trainer tools.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_shards_command(commands)
+    _add_export_command(commands)
     return parser
 
 
@@ -228,9 +230,57 @@ def _summary_line(summary: ShardJobSummary) -> str:
 
 def _resume_hint(args: argparse.Namespace) -> str:
     out = getattr(args, "out", None)
-    if out is None:
+    if out is None or args.command != "shards":
         return "nothing was written"
     return f"finished shards are kept in {out}: re-run the same command to resume"
+
+
+# --- introvae-dist export --------------------------------------------------------------------
+
+def _add_export_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "export", help="write a checkpoint's fp32 weights of E and G into one safetensors file",
+        description="Consolidate a training checkpoint (any ZeRO stage, any number of ranks, bf16 or "
+        "fp32) into one safetensors file for inference: the fp32 weights and BatchNorm statistics of "
+        "the encoder and the generator, and the model config in the file's metadata. Load it with "
+        "introvae_dist.weights.load_exported (needs torch and safetensors only).",
+    )
+    parser.set_defaults(run=_run_export)
+    parser.add_argument("checkpoint", type=Path, metavar="CHECKPOINT",
+                        help="a checkpoint folder RUN/checkpoints/step_NNNNNNNN/ (complete: with MANIFEST.json "
+                        "or COMPLETE)")
+    parser.add_argument("--out", type=Path, required=True, metavar="FILE",
+                        help="the .safetensors file to write (its folder is created if missing)")
+    parser.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from introvae_dist.export import ExportError, export_checkpoint  # imports torch
+    from introvae_dist.weights import build_models, read_info
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
+    except ExportError as exc:
+        _say("error", str(exc))
+        return EXIT_BAD_INPUT
+    except OSError as exc:
+        _say("error", f"writing {args.out} failed ({exc.strerror or exc}); nothing was written")
+        return EXIT_FAILED
+    info = read_info(out)
+    encoder, generator = build_models(info.model, "meta")
+    counts = [sum(p.numel() for p in net.parameters()) for net in (encoder, generator)]
+    m = info.model
+    print(f"{out}: {_size(out.stat().st_size)}, encoder {counts[0]:,} + generator {counts[1]:,} parameters "
+          f"(fp32, {m.resolution_px} px, latent {m.latent_dim}) from step {info.step:,} "
+          f"({info.images_seen:,} images seen)")
+    return EXIT_OK
+
+
+def _size(num_bytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes} bytes"
 
 
 # --- shared helpers --------------------------------------------------------------------------
