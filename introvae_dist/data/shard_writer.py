@@ -18,7 +18,6 @@ members are the ones ``webdataset.TarWriter(encoder=False, mtime=0)`` writes, by
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -28,6 +27,8 @@ import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from introvae_dist.files import sha256_of_file, write_json_atomic  # noqa: F401  (re-exported)
 
 MANIFEST_NAME = "manifest.json"
 # Bump when the manifest schema changes incompatibly; readers and resumers compare it.
@@ -182,15 +183,6 @@ def read_manifest(manifest_path: Path) -> dict[str, Any]:
     return manifest
 
 
-def sha256_of_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks so large shards do not need to fit in memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class ShardInProgress:
     """One tar shard being written to ``<final>.tmp``; ``finish`` moves it into place."""
 
@@ -255,20 +247,6 @@ def _check_sample(key: str, data: bytes, ext: str, seen_keys: set[str]) -> None:
         raise ValueError(f"sample {key!r}: extension must look like 'png' (no leading dot), got {ext!r}")
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ValueError(f"sample {key!r}: data must be encoded bytes, got {type(data).__name__}")
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` as JSON to ``path`` via ``<path>.tmp`` + fsync + ``os.replace``."""
-    tmp_path = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp_path, "w") as stream:
-            json.dump(payload, stream, indent=2, sort_keys=True)
-            stream.write("\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
 
 
 def _warn_about_stale_shards(out_dir: Path, name: str, written: list[Path]) -> None:
