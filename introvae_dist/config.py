@@ -132,25 +132,46 @@ class TrainConfig:
     log_every_steps: int = 10
     sample_every_steps: int = 500
     save_every_steps: int = 1000
+    #: Also save when this many minutes have passed since the last save (0: off). A preempted
+    #: job loses at most this much work even when steps are slow.
+    save_every_minutes: float = 0.0
+    #: Checkpoints kept besides the permanent ones; older ones are deleted after each save.
+    keep_last_checkpoints: int = 3
+    #: Checkpoints whose step is a multiple of this are kept for good (0: none).
+    keep_every_steps: int = 0
     #: Images per row kind (real | reconstruction | sample) in a sample grid.
     grid_images: int = 8
 
     def validate(self) -> None:
         for name in ("batch_global", "total_steps", "log_every_steps", "sample_every_steps",
-                     "save_every_steps", "grid_images"):
+                     "save_every_steps", "grid_images", "keep_last_checkpoints"):
             _positive(f"train.{name}", getattr(self, name))
+        for name in ("save_every_minutes", "keep_every_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)}: expected a value >= 0 (0 turns it off)")
 
 
 @dataclass
 class RunConfig:
-    """Where outputs land: ROOT/NAME-NNNNN, a new numbered folder per run."""
+    """Where outputs land (the run folder ROOT/NAME), where training resumes from, and how
+    long a rank waits for the others before giving up."""
 
     root: str = "runs"
     name: str = "introvae"
+    #: "auto": continue from the newest complete checkpoint in the run folder, if any (what a
+    #: requeued job needs); or the path of a checkpoint step folder or another run folder.
+    resume: str = "auto"
+    #: Seconds a collective may wait for the other ranks; a dead rank ends the job after at
+    #: most this long instead of hanging it. Generous by default: saves and the first step
+    #: of a large model can take minutes.
+    collective_timeout_s: float = 900.0
 
     def validate(self) -> None:
         if not self.name or "/" in self.name:
             raise ConfigError(f"run.name={self.name!r}: expected a non-empty name without '/'")
+        if not self.resume.strip():
+            raise ConfigError("run.resume is empty: expected 'auto' or a checkpoint or run folder")
+        _positive("run.collective_timeout_s", self.collective_timeout_s)
 
 
 @dataclass

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import datetime
 import logging
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +36,12 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s), verbose=False)
 
 
-def deepspeed_config(cfg: EngineConfig, batch_per_rank: int, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config dict of one engine."""
+def deepspeed_config(cfg: EngineConfig, batch_per_rank: int, world_size: int,
+                     load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config dict of one engine; ``load_universal`` to resume from a universal
+    checkpoint (written by another world size, see :func:`convert_to_universal`)."""
     return {
+        "checkpoint": {"load_universal": load_universal},
         "train_micro_batch_size_per_gpu": batch_per_rank,
         "gradient_accumulation_steps": 1,
         "train_batch_size": batch_per_rank * world_size,
@@ -46,13 +52,49 @@ def deepspeed_config(cfg: EngineConfig, batch_per_rank: int, world_size: int) ->
     }
 
 
-def build_engine(module: nn.Module, cfg: EngineConfig, batch_per_rank: int, world_size: int) -> DeepSpeedEngine:
+def build_engine(module: nn.Module, cfg: EngineConfig, batch_per_rank: int, world_size: int,
+                 load_universal: bool = False) -> DeepSpeedEngine:
     """Wrap `module` and an Adam optimiser (Sec. 4.1: lr 2e-4, betas 0.9/0.999) in an engine."""
     optimizer = torch.optim.Adam(module.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps)
     engine, *_ = deepspeed.initialize(
-        model=module, optimizer=optimizer, config=deepspeed_config(cfg, batch_per_rank, world_size)
+        model=module, optimizer=optimizer, config=deepspeed_config(cfg, batch_per_rank, world_size, load_universal)
     )
     return engine
+
+
+def load_engine(engine: DeepSpeedEngine, folder: Path, tag: str, cfg: EngineConfig) -> None:
+    """Load one engine's weights and optimiser state (every rank must call this), then apply
+    the config's optimiser settings: a resume may change the learning rate, and DeepSpeed
+    would otherwise restore the saved one with the optimiser state."""
+    path, _ = engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
+                                     load_lr_scheduler_states=False, load_module_strict=True)
+    if path is None:
+        raise FileNotFoundError(f"{folder}/{tag}: DeepSpeed found no checkpoint to load")
+    groups = [engine.optimizer.param_groups]
+    inner = getattr(engine.optimizer, "optimizer", None)  # the torch Adam under ZeRO/bf16 wrappers
+    if inner is not None and inner.param_groups is not engine.optimizer.param_groups:
+        groups.append(inner.param_groups)
+    for param_groups in groups:
+        for group in param_groups:
+            group.update(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps)
+
+
+def convert_to_universal(folder: Path, tag: str, out_folder: Path) -> None:
+    """DeepSpeed's universal checkpoint of ``folder/tag`` in ``out_folder/tag``, loadable on
+    any world size. Runs DeepSpeed's own converter (FIELD-NOTES) as a subprocess, which keeps
+    its worker pools out of this process; writes to a temp folder renamed at the end, so a
+    kill leaves no half conversion under the final name."""
+    tmp = out_folder.with_name(out_folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder / tag),
+           "--output_folder", str(tmp / tag), "--inject_missing_state", "--num_extract_workers", "2",
+           "--num_merge_workers", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"converting {folder / tag} to a universal checkpoint failed "
+                           f"(exit {proc.returncode}): {proc.stderr[-2000:]}")
+    shutil.rmtree(out_folder, ignore_errors=True)
+    tmp.rename(out_folder)
 
 
 def full_grad(param: nn.Parameter) -> torch.Tensor | None:

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from introvae_dist.checkpoint import MANIFEST_NAME, CheckpointError, check_files, read_manifest
 from introvae_dist.weights import (
     FORMAT, META_FORMAT, META_IMAGES_SEEN, META_MODEL, META_STEP, PREFIXES, ExportedModelConfig, build_models,
 )
@@ -57,6 +58,16 @@ def check_checkpoint_complete(step_folder: Path) -> None:
             f"{step_folder}: incomplete checkpoint (no {' or '.join(COMPLETE_MARKERS)}): its save was "
             f"interrupted or is still running; export an earlier step_* folder"
         )
+    if (step_folder / MANIFEST_NAME).is_file():
+        # Sizes only: a truncated or missing shard is the common damage, and the full sha256
+        # is for resume, which must be sure; the export then reads every byte anyway.
+        try:
+            manifest = read_manifest(step_folder)
+        except CheckpointError as e:
+            raise ExportError(str(e)) from None
+        problems = check_files(step_folder, manifest, sorted(manifest["files"]), check="size")
+        if problems:
+            raise ExportError(f"{step_folder}: damaged checkpoint: " + "; ".join(problems[:5]))
 
 
 def export_checkpoint(step_folder: Path, out: Path, *, overwrite: bool = False) -> Path:

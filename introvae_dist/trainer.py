@@ -10,27 +10,45 @@ import json
 import math
 import os
 import platform
+import random
+import signal
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from introvae_dist import __version__
 from introvae_dist.algorithm import METRIC_NAMES, StepNoise, train_step
+from introvae_dist.checkpoint import (
+    CHECKPOINTS_DIR, ENGINE_DIRS, ENGINE_TAG, TRAINER_STATE_NAME, UNIVERSAL_DIR, CheckpointError, check_files,
+    delete_checkpoint, describe_files, list_files, parse_step, rank_state_path, read_manifest, read_trainer_state,
+    retention_victims, set_aside, step_folder_name, survey, write_latest, write_manifest,
+)
 from introvae_dist.config import Config, ConfigError, config_to_dict, dump_config
 from introvae_dist.data.decode import to_unit_float
 from introvae_dist.data.loader import (
-    StreamSpec, TrainStream, check_stream_coverage, describe_epoch, read_fixed_images,
+    StreamSpec, TrainStream, batches_per_rank_epoch, check_stream_coverage, derive_seed, describe_epoch,
+    layout_key, position_after_layout_change, read_fixed_images,
 )
 from introvae_dist.data.shard_set import (
     DataError, ShardSet, resolve_shard_set, stored_image_size_px, verify_shards, with_sample_counts,
 )
 from introvae_dist.distributed import World, cpu_threads_per_rank
+from introvae_dist.files import write_text_atomic
 from introvae_dist.images import save_grid
 from introvae_dist.losses import LossWeights
 from introvae_dist.models import Encoder, Generator
+from introvae_dist.rank_state import (
+    capture_rngs, load_rank_state, module_buffers, restore_buffers, restore_rngs, save_rank_state,
+)
+from introvae_dist.resume import ResumePlan, check_config, lock_run_dir, plan_resume, trim_metrics
 from introvae_dist.run_log import RunLog
+from introvae_dist.stop_signals import StopSignals
 
 #: Exit code when a loss turns NaN or infinite (documented in README).
 EXIT_NON_FINITE = 3
@@ -40,6 +58,12 @@ class NonFiniteLoss(RuntimeError):
     """A loss term became NaN or infinite; training stops without saving."""
 
 
+#: Environment variable naming a fault to inject, for the tests of what a kill leaves behind:
+#: ``kill-before-manifest:STEP`` SIGKILLs rank 0 once every rank has written its part of the
+#: checkpoint of STEP but before the manifest that makes it complete.
+FAULT_ENV = "INTROVAE_DIST_FAULT"
+
+
 @dataclass(frozen=True)
 class Plan:
     """Everything derived from the config and the world before any engine starts."""
@@ -47,6 +71,7 @@ class Plan:
     shard_set: ShardSet
     batch_per_rank: int
     widths: tuple[int, ...]
+    resume: ResumePlan
 
 
 def plan_run(cfg: Config, world: World) -> Plan:
@@ -73,7 +98,8 @@ def plan_run(cfg: Config, world: World) -> Plan:
             f"model.resolution_px={cfg.model.resolution_px}; write shards at >= {cfg.model.resolution_px} px "
             f"or train a smaller network"
         )
-    plan = Plan(shard_set=shard_set, batch_per_rank=batch_per_rank, widths=cfg.model.resolved_widths())
+    resume = plan_resume(Path(cfg.run.root) / cfg.run.name, cfg.run.resume, config_to_dict(cfg))
+    plan = Plan(shard_set=shard_set, batch_per_rank=batch_per_rank, widths=cfg.model.resolved_widths(), resume=resume)
     stream_spec(cfg, world, plan).validate()  # e.g. an epoch too small for one batch per stream
     return plan
 
@@ -101,15 +127,6 @@ def verify_shard_set(shard_set: ShardSet, check: str, world: World) -> None:
                         + "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else ""))
 
 
-def new_run_dir(root: Path, name: str) -> Path:
-    """ROOT/NAME-NNNNN with the next free number: a new run never writes into an old one."""
-    root.mkdir(parents=True, exist_ok=True)
-    taken = [int(p.name.rsplit("-", 1)[1]) for p in root.glob(f"{name}-*") if p.name.rsplit("-", 1)[1].isdigit()]
-    run_dir = root / f"{name}-{max(taken, default=-1) + 1:05d}"
-    run_dir.mkdir()
-    return run_dir
-
-
 def _broadcast_object(value: object, world: World) -> object:
     box = [value]
     if world.world_size > 1:
@@ -117,20 +134,75 @@ def _broadcast_object(value: object, world: World) -> object:
     return box[0]
 
 
-def _reduce_over_ranks(figures: dict[str, torch.Tensor], data_counts: dict[str, int], world: World) -> dict[str, float]:
-    """Loss figures averaged and data counts summed over ranks, in one collective.
+def _reduce_over_ranks(figures: dict[str, torch.Tensor], data_counts: dict[str, int], flags: dict[str, bool],
+                       world: World) -> tuple[dict[str, float], set[str]]:
+    """Loss figures averaged, data counts summed and flags or-ed over ranks, in one collective.
 
-    All ranks agree on the result, so all stop together on a NaN.
+    All ranks agree on the result, so all stop together on a NaN, and all save and stop
+    together when any of them received a stop signal.
     """
     losses = torch.stack([figures[name].float().cpu() for name in METRIC_NAMES])
     counts = torch.tensor([float(v) for v in data_counts.values()])
-    values = torch.cat([losses, counts])
+    raised = torch.tensor([float(v) for v in flags.values()])
+    values = torch.cat([losses, counts, raised])
     if world.world_size > 1:
         dist.all_reduce(values)
-    values[: len(METRIC_NAMES)] /= world.world_size
-    record: dict[str, float] = dict(zip(METRIC_NAMES, values[: len(METRIC_NAMES)].tolist()))
-    record.update({f"data_{name}": int(v) for name, v in zip(data_counts, values[len(METRIC_NAMES):].tolist())})
-    return record
+    n_losses, n_counts = len(METRIC_NAMES), len(data_counts)
+    values[:n_losses] /= world.world_size
+    record: dict[str, float] = dict(zip(METRIC_NAMES, values[:n_losses].tolist()))
+    record.update({f"data_{name}": int(v) for name, v in zip(data_counts, values[n_losses:n_losses + n_counts].tolist())})
+    agreed = {name for name, v in zip(flags, values[n_losses + n_counts:].tolist()) if v > 0}
+    return record, agreed
+
+
+def _all_gather(value: Any, world: World) -> list[Any]:
+    if world.world_size == 1:
+        return [value]
+    gathered: list[Any] = [None] * world.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _barrier(world: World) -> None:
+    if world.world_size > 1:
+        dist.barrier()
+
+
+def select_checkpoint(plan: ResumePlan, world: World, current_config: dict[str, Any]) -> Path | None:
+    """The newest candidate whose files match its manifest, checked split over the ranks.
+
+    A damaged one is skipped with a warning naming it and its bad files, and set aside (renamed,
+    not deleted) when it is newer than the one chosen, so later saves never collide with it.
+    """
+    skipped: list[Path] = []
+    for folder in plan.candidates:
+        try:
+            manifest = read_manifest(folder)
+            files = sorted(manifest["files"])
+            problems = check_files(folder, manifest, files[world.rank::world.world_size])
+        except CheckpointError as e:
+            problems = [str(e)]
+        problems = sorted({line for lines in _all_gather(problems, world) for line in lines})
+        if not problems:
+            if folder != plan.candidates[0]:
+                check_config(folder, current_config)  # an older one may hold another config
+            if world.is_main:
+                for bad in skipped:
+                    if bad.parent.parent.resolve() == plan.run_dir.resolve():
+                        print(f"warning: set aside damaged checkpoint {bad} as {set_aside(bad)}", flush=True)
+            _barrier(world)
+            return folder
+        message = f"checkpoint {folder} is damaged: " + "; ".join(problems[:5])
+        if plan.explicit_step:
+            raise CheckpointError(message)
+        if world.is_main:
+            print(f"warning: skipping {message}", flush=True)
+        skipped.append(folder)
+    if plan.candidates:
+        raise CheckpointError(f"no usable checkpoint among the {len(plan.candidates)} in "
+                              f"{plan.candidates[0].parent}; all are damaged (see the warnings above). "
+                              "Move them away, or start a new run (another run.name)")
+    return None
 
 
 class Trainer:
@@ -145,59 +217,163 @@ class Trainer:
         threads = cpu_threads_per_rank(world)
         if threads is not None and not torch.cuda.is_available():
             torch.set_num_threads(threads)
-        engine.init_distributed()
+        engine.init_distributed(cfg.run.collective_timeout_s)
         verify_shard_set(plan.shard_set, cfg.data.verify, world)
-        run_dir = new_run_dir(Path(cfg.run.root), cfg.run.name) if world.is_main else None
-        self.run_dir = Path(str(_broadcast_object(str(run_dir) if run_dir else "", world)))
+        self.run_dir = plan.resume.run_dir
+        self.ckpt_dir = self.run_dir / CHECKPOINTS_DIR
+        self._lock = self._lock_run_dir()
+        self.resumed_from = select_checkpoint(plan.resume, world, config_to_dict(cfg))
+        saved = read_trainer_state(self.resumed_from) if self.resumed_from else None
+        self.step = saved["step"] if saved else 0
+        self.images_seen = saved["images_seen"] if saved else 0
         if world.is_main:
-            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+            self._prepare_run_dir()
+        _barrier(world)
 
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
         m = cfg.model
         encoder = Encoder(m.resolution_px, m.latent_dim, plan.widths, m.norm, m.checkpoint_blocks)
         generator = Generator(m.resolution_px, m.latent_dim, plan.widths, m.norm, m.checkpoint_blocks)
-        self.enc = engine.build_engine(encoder, cfg.encoder, plan.batch_per_rank, world.world_size)
-        self.gen = engine.build_engine(generator, cfg.generator, plan.batch_per_rank, world.world_size)
+        universal = saved is not None and saved["world_size"] != world.world_size
+        if universal:
+            self._convert_to_universal(saved["world_size"])
+        self.enc = engine.build_engine(encoder, cfg.encoder, plan.batch_per_rank, world.world_size, universal)
+        self.gen = engine.build_engine(generator, cfg.generator, plan.batch_per_rank, world.world_size, universal)
         self.device = self.enc.device
-
-        self.batches = TrainStream(stream_spec(cfg, world, plan))
         # Per-rank noise stream: eps and z_p differ across ranks like the data does.
         self.noise_rng = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + world.rank)
+
+        spec = stream_spec(cfg, world, plan)
+        consumed, counts = 0, None
+        if self.resumed_from is not None:
+            consumed, counts = self._restore(self.resumed_from, universal, spec)
+        self.batches = TrainStream(spec, consumed, counts)
         self.grid_real, self.grid_z = self._fixed_grid_inputs()
-        self.step = 0
-        self.images_seen = 0
+        self._last_save_s = time.monotonic()
+        self.stop = StopSignals()
+
+    # -- start and resume -----------------------------------------------------------------------
+
+    def _lock_run_dir(self) -> IO[str] | None:
+        """Rank 0 locks the run folder; every rank raises if another job holds it."""
+        lock, problem = None, None
+        if self.world.is_main:
+            try:
+                lock = lock_run_dir(self.run_dir)
+            except ConfigError as e:
+                problem = str(e)
+        problem = _broadcast_object(problem, self.world)
+        if problem:
+            raise ConfigError(str(problem))
+        return lock
+
+    def _prepare_run_dir(self) -> None:
+        """Rank 0: create the run folder, write the config, and cut the log back to the resumed step."""
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for line in self.plan.resume.warnings:
+            print(f"warning: {line}", flush=True)
+        if self.resumed_from is not None:
+            print(f"resuming from {self.resumed_from} (step {self.step}, {self.images_seen} images seen)", flush=True)
+            for line in self.plan.resume.accepted_changes:
+                print(f"config change accepted on resume: {line}", flush=True)
+        moved = trim_metrics(self.run_dir, self.step)
+        if moved:
+            print(f"moved {moved} metrics records of steps after {self.step} to metrics.discarded.jsonl", flush=True)
+        write_text_atomic(self.run_dir / "config.yaml", dump_config(self.cfg))
+
+    def _convert_to_universal(self, saved_world_size: int) -> None:
+        """A checkpoint of another world size loads through DeepSpeed's universal format; rank 0
+        converts each engine once into checkpoints/universal/ while the others wait."""
+        assert self.resumed_from is not None
+        target = self.ckpt_dir / UNIVERSAL_DIR / self.resumed_from.name
+        if self.world.is_main:
+            print(f"the checkpoint was written by {saved_world_size} rank(s), this run has {self.world.world_size}: "
+                  f"converting it to DeepSpeed's universal format in {target}", flush=True)
+            for net in ENGINE_DIRS:
+                if not (target / net).is_dir():
+                    (target).mkdir(parents=True, exist_ok=True)
+                    self._engine_lib.convert_to_universal(self.resumed_from / net, ENGINE_TAG, target / net)
+        _barrier(self.world)
+
+    def _restore(self, folder: Path, universal: bool, spec: StreamSpec) -> tuple[int, dict[str, int] | None]:
+        """Load both engines, then this rank's RNGs, buffers and stream position.
+
+        Exact when the world size and the data layout are those of the save; otherwise the RNGs
+        are re-seeded from (seed, step, rank) and the stream goes on at the same share of the epoch.
+        """
+        source = self.ckpt_dir / UNIVERSAL_DIR / folder.name if universal else folder
+        self._engine_lib.load_engine(self.enc, source / "encoder", ENGINE_TAG, self.cfg.encoder)
+        self._engine_lib.load_engine(self.gen, source / "generator", ENGINE_TAG, self.cfg.generator)
+        own = rank_state_path(folder, self.world.rank)
+        state = load_rank_state(own) if not universal and own.is_file() else None
+        if state is not None:
+            restore_rngs(state["rngs"], self.noise_rng)
+            restore_buffers(self.enc.module, state["buffers"]["encoder"])
+            restore_buffers(self.gen.module, state["buffers"]["generator"])
+        else:
+            seed = derive_seed(self.cfg.train.seed, self.step, self.world.rank)
+            random.seed(seed), np.random.seed(seed), torch.manual_seed(seed), self.noise_rng.manual_seed(seed)
+        stream = (state or load_rank_state(rank_state_path(folder, 0)))["stream"]
+        if state is not None and stream["layout"] == layout_key(spec):
+            return stream["consumed"], stream["counts"]
+        consumed = position_after_layout_change(stream["consumed"], stream["batches_per_rank_epoch"], spec)
+        if self.world.is_main:
+            print(f"data: the stream's layout changed since the save (ranks, workers, batch or shards); "
+                  f"going on in epoch {consumed // batches_per_rank_epoch(spec)} at the same share of it", flush=True)
+        return consumed, None
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def train(self) -> Path:
-        """Run until `train.total_steps`; returns the run folder."""
+    def train(self) -> str | None:
+        """Run until `train.total_steps` or a stop signal; returns the signal's name if one
+        stopped the run (after a complete checkpoint), else None."""
         t = self.cfg.train
         log = RunLog(self.run_dir / "metrics.jsonl", t.total_steps, self.step, self.world.is_main)
         log.message(f"run folder: {self.run_dir}")
         log.message(describe_epoch(self.batches.spec, self.batches.epoch))
+        if self.step >= t.total_steps:
+            log.message(f"nothing to do: step {self.step} of train.total_steps={t.total_steps} is done "
+                        "(raise train.total_steps to train on, or set run.name to start a new run)")
         try:
-            while self.step < t.total_steps:
-                x = to_unit_float(next(self.batches).to(self.device, non_blocking=True))  # (B, 3, R, R)
-                warmup = self.images_seen < self.cfg.loss.warmup_images
-                noise = StepNoise.sample(x.shape[0], self.cfg.model.latent_dim, self.noise_rng, self.device)
-                figures = train_step(self.enc, self.gen, x, noise, self._loss_weights(warmup))
-                self.step += 1
-                self.images_seen += t.batch_global
-                record = _reduce_over_ranks(figures, self.batches.stats(), self.world)
-                self._stop_if_non_finite(record)
-                record.update(step=self.step, images_seen=self.images_seen, epoch=self.batches.epoch,
-                              phase="warmup" if warmup else "adversarial")
-                images_per_s = log.step(record, t.batch_global)
-                if self.step % t.log_every_steps == 0:
-                    log.message(_summary(record, images_per_s))
-                if self.step % t.sample_every_steps == 0 or self.step == t.total_steps:
-                    self.write_grid()
-                if self.step % t.save_every_steps == 0 or self.step == t.total_steps:
-                    path = self.save()
-                    log.message(f"step {self.step}: checkpoint {path}")
+            with self.stop:
+                while self.step < t.total_steps:
+                    stopped = self._one_step(log)
+                    if stopped:
+                        return stopped
         finally:
+            self.batches.close()  # on every path, a dead peer's error included (see close())
             log.close()
-        return self.run_dir
+        return None
+
+    def _one_step(self, log: RunLog) -> str | None:
+        t = self.cfg.train
+        x = to_unit_float(next(self.batches).to(self.device, non_blocking=True))  # (B, 3, R, R)
+        warmup = self.images_seen < self.cfg.loss.warmup_images
+        noise = StepNoise.sample(x.shape[0], self.cfg.model.latent_dim, self.noise_rng, self.device)
+        figures = train_step(self.enc, self.gen, x, noise, self._loss_weights(warmup))
+        self.step += 1
+        self.images_seen += t.batch_global
+        # Rank 0's clock decides time-based saves, so all ranks agree on them.
+        minutes_due = (self.world.is_main and t.save_every_minutes > 0
+                       and time.monotonic() - self._last_save_s >= 60 * t.save_every_minutes)
+        record, flags = _reduce_over_ranks(figures, self.batches.stats(),
+                                           {"stop": self.stop.received is not None, "save_due": minutes_due}, self.world)
+        self._stop_if_non_finite(record)
+        record.update(step=self.step, images_seen=self.images_seen, epoch=self.batches.epoch,
+                      phase="warmup" if warmup else "adversarial")
+        images_per_s = log.step(record, t.batch_global)
+        if self.step % t.log_every_steps == 0:
+            log.message(_summary(record, images_per_s))
+        last = self.step == t.total_steps
+        if self.step % t.sample_every_steps == 0 or last:
+            self.write_grid()
+        if self.step % t.save_every_steps == 0 or last or flags:
+            path = self.save()
+            why = "stop signal" if "stop" in flags else "time" if flags else "step"
+            log.message(f"step {self.step}: checkpoint {path} ({why})")
+        if "stop" in flags and not last:  # a signal at the last step changes nothing: the run is done
+            return self.stop.received or "a stop signal on another rank"
+        return None
 
     def _loss_weights(self, warmup: bool) -> LossWeights:
         c = self.cfg.loss
@@ -210,9 +386,8 @@ class Trainer:
             terms = ", ".join(f"{k}={v}" for k, v in record.items())
             raise NonFiniteLoss(
                 f"step {self.step}: non-finite loss in {', '.join(bad)} ({terms}); stopping without "
-                f"saving, the last good checkpoint is kept in {self.run_dir / 'checkpoints'}"
+                f"saving, the last good checkpoint is kept in {self.ckpt_dir}"
             )
-
     # -- sample grids ---------------------------------------------------------------------------
 
     def _fixed_grid_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,27 +418,77 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------------
 
     def save(self) -> Path:
-        """Both engines' sharded checkpoints in their own sub-folders, then trainer state and a
-        COMPLETE marker once every rank has finished (a folder without it is not a checkpoint)."""
-        folder = self.run_dir / "checkpoints" / f"step_{self.step:08d}"
-        state = {"step": self.step, "images_seen": self.images_seen}
-        self._engine_lib.save_engine(self.enc, folder / "encoder", "ds", state)
-        self._engine_lib.save_engine(self.gen, folder / "generator", "ds", state)
-        if self.world.world_size > 1:
-            dist.barrier()
+        """One complete checkpoint of this step (every rank must call this).
+
+        Order: both engines' shards and every rank's own state, then trainer_state.json; a
+        barrier; the checksums, split over the ranks; the manifest, written last by rank 0; the
+        `latest` pointer, replaced atomically; only then retention deletes old checkpoints.
+        A kill anywhere before the manifest leaves a folder that resume skips.
+        """
+        folder = self.ckpt_dir / step_folder_name(self.step)
+        if self.world.is_main and folder.exists():
+            # Left by a save that never finished, or damaged: renamed, never deleted.
+            print(f"warning: {folder} exists; set aside as {set_aside(folder)}", flush=True)
+        _barrier(self.world)
+        self._engine_lib.save_engine(self.enc, folder / "encoder", ENGINE_TAG, {})
+        self._engine_lib.save_engine(self.gen, folder / "generator", ENGINE_TAG, {})
+        save_rank_state(rank_state_path(folder, self.world.rank), self._rank_state())
         if self.world.is_main:
-            trainer_state = {
-                **state,
-                "phase": "warmup" if self.images_seen < self.cfg.loss.warmup_images else "adversarial",
-                "world_size": self.world.world_size,
-                "config": config_to_dict(self.cfg),
-                "versions": _versions(),
-            }
-            _write_atomic(folder / "trainer_state.json", json.dumps(trainer_state, indent=1))
-            _write_atomic(folder / "COMPLETE", "")
-        if self.world.world_size > 1:
-            dist.barrier()
+            write_text_atomic(folder / TRAINER_STATE_NAME, json.dumps(self._trainer_state(), indent=1) + "\n")
+        _barrier(self.world)
+        _inject_fault("kill-before-manifest", self.step, self.world)
+        names = _broadcast_object(list_files(folder) if self.world.is_main else None, self.world)
+        mine = describe_files(folder, names[self.world.rank::self.world.world_size])  # type: ignore[index]
+        files = {k: v for part in _all_gather(mine, self.world) for k, v in part.items()}
+        if self.world.is_main:
+            write_manifest(folder, self.step, files)
+            write_latest(self.ckpt_dir, folder.name)
+            self._apply_retention()
+        _barrier(self.world)
+        self._last_save_s = time.monotonic()
         return folder
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "images_seen": self.images_seen,
+            "phase": "warmup" if self.images_seen < self.cfg.loss.warmup_images else "adversarial",
+            "world_size": self.world.world_size,
+            # What the optimisers really use (a resume applies the config's, not the saved ones).
+            "lr": {"encoder": self.enc.optimizer.param_groups[0]["lr"], "generator": self.gen.optimizer.param_groups[0]["lr"]},
+            "config": config_to_dict(self.cfg),
+            "versions": _versions(),
+            "time": time.time(),
+        }
+
+    def _rank_state(self) -> dict[str, Any]:
+        spec = self.batches.spec
+        return {
+            "rank": self.world.rank,
+            "step": self.step,
+            "rngs": capture_rngs(self.noise_rng),
+            "buffers": {"encoder": module_buffers(self.enc.module), "generator": module_buffers(self.gen.module)},
+            "stream": {"consumed": self.batches.consumed, "counts": self.batches.stats(),
+                       "layout": layout_key(spec), "batches_per_rank_epoch": batches_per_rank_epoch(spec)},
+        }
+
+    def _apply_retention(self) -> None:
+        """Rank 0, after a save: keep the newest train.keep_last_checkpoints, the multiples of
+        train.keep_every_steps and the checkpoint this run resumed from; delete the rest."""
+        t = self.cfg.train
+        complete = {step: folder for step, folder in survey(self.ckpt_dir).with_manifest}
+        protected = {parse_step(self.resumed_from.name)} if self.resumed_from is not None else set()
+        for step in retention_victims(list(complete), t.keep_last_checkpoints, t.keep_every_steps, protected):  # type: ignore[arg-type]
+            delete_checkpoint(complete[step])
+            universal = self.ckpt_dir / UNIVERSAL_DIR / complete[step].name
+            if universal.is_dir():
+                shutil.rmtree(universal)
+
+
+def _inject_fault(name: str, step: int, world: World) -> None:
+    """Tests only: SIGKILL rank 0 at the named point (see FAULT_ENV)."""
+    if os.environ.get(FAULT_ENV) == f"{name}:{step}" and world.is_main:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _summary(record: dict[str, float | str | int], images_per_s: float) -> str:
@@ -285,12 +510,3 @@ def _versions() -> dict[str, str]:
 
     return {"introvae_dist": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
             "webdataset": getattr(webdataset, "__version__", "unknown"), "python": platform.python_version()}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)

@@ -21,8 +21,12 @@ from introvae_dist.config import ConfigError, dump_config, load_config  # noqa: 
 from introvae_dist.data.shard_set import DataError  # noqa: E402
 from introvae_dist.distributed import world_from_env  # noqa: E402
 from introvae_dist.data.loader import describe_epoch  # noqa: E402
+from introvae_dist.checkpoint import CheckpointError  # noqa: E402
+from introvae_dist.stop_signals import EXIT_SAVED_ON_SIGNAL  # noqa: E402
 from introvae_dist.trainer import EXIT_NON_FINITE, NonFiniteLoss, plan_run, stream_spec  # noqa: E402
 
+#: Exit status (also in README): 0 done; 2 bad input, found before training; 3 a loss became
+#: NaN/inf; 75 stopped by SIGTERM/SIGUSR1 after saving a complete checkpoint (requeue to resume).
 EXIT_BAD_INPUT = 2
 
 
@@ -56,15 +60,21 @@ def main(argv: list[str] | None = None) -> int:
     from introvae_dist.trainer import Trainer  # imports DeepSpeed
 
     try:
-        run_dir = Trainer(cfg, world, plan).train()
-    except DataError as e:  # shards failing their manifest's checksums, found before training
+        trainer = Trainer(cfg, world, plan)
+        stopped_by = trainer.train()
+    except (DataError, CheckpointError, ConfigError) as e:  # shards or checkpoints failing their checksums
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NON_FINITE
+    if stopped_by is not None:
+        if world.is_main:
+            print(f"stopped by {stopped_by} at step {trainer.step} after a complete checkpoint; "
+                  f"run again with the same config to resume (exit {EXIT_SAVED_ON_SIGNAL})")
+        return EXIT_SAVED_ON_SIGNAL
     if world.is_main:
-        print(f"done: {run_dir}")
+        print(f"done: {trainer.run_dir}")
     return 0
 
 

@@ -29,9 +29,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run(cmd: list[str], timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
-    """Run a launcher from the repo root with the package importable and one thread per rank."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+def run(cmd: list[str], timeout_s: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a launcher from the repo root with the package importable (plus ``env``)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(env or {})}
     env.pop("RANK", None), env.pop("WORLD_SIZE", None)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
 

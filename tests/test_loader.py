@@ -20,7 +20,10 @@ from PIL import Image
 from introvae_dist.data.decode import decode_and_resize
 from introvae_dist.data.loader import (
     StreamSpec,
+    TrainStream,
+    batches_per_rank_epoch,
     batches_per_stream,
+    position_after_layout_change,
     slices_of_stream,
     build_train_stream,
     check_stream_coverage,
@@ -243,6 +246,33 @@ def test_stream_with_two_workers_is_deterministic(indexed_dir: Path) -> None:
     assert first == indices()
     # Workers read disjoint shards, so no image repeats within an epoch of 16 batches.
     assert sorted(i for b in first[:16] for i in b) == list(range(128))
+
+
+@pytest.mark.parametrize("mode", ["epoch", "resampled"])
+def test_stream_resumed_at_a_position_continues_exactly(synthetic_dir: Path, mode: str) -> None:
+    """Stopping after k batches and starting a new stream at k gives the batches an
+    uninterrupted stream gives, flips included: mid-epoch, on an epoch boundary and with the
+    DataLoader's worker turn in the middle (odd k with 2 workers)."""
+    spec = StreamSpec(resolve_shard_set(str(synthetic_dir)).shards, 16, 4, 0, 1, 2, 5, mode, 8, True)  # type: ignore[arg-type]
+    per_epoch = spec.streams_per_rank * batches_per_stream(spec, 0)
+    assert per_epoch == 12  # 48 images / 2 streams / batch 4 = 6 batches per worker
+    full = list(islice(TrainStream(spec), 30))
+    for k in (5, 12, 17):
+        resumed = TrainStream(spec, consumed=k)
+        for i, batch in enumerate(islice(resumed, 30 - k)):
+            assert torch.equal(batch, full[k + i]), (mode, k, i)
+        assert resumed.consumed == 30 and resumed.epoch == 29 // 12
+
+
+def test_position_after_layout_change_keeps_epoch_and_share() -> None:
+    from introvae_dist.data.shard_set import ShardInfo
+
+    shards = tuple(ShardInfo(f"s{i}.tar", 100, None, None) for i in range(8))
+    two = StreamSpec(shards, 16, 10, 0, 2, 2, 0)  # 4 streams of 200 images: 20 batches per worker
+    one = StreamSpec(shards, 16, 10, 0, 1, 2, 0)  # 2 streams of 400 images: 40 batches per worker
+    # 2 ranks: epoch 3 plus 10 of its 40 batches per rank (25%) -> 1 rank: 25% of 80 in epoch 3.
+    assert batches_per_rank_epoch(two) == 40 and batches_per_rank_epoch(one) == 80
+    assert position_after_layout_change(3 * 40 + 10, 40, one) == 3 * 80 + 20
 
 
 def test_resampled_mode_never_stops(indexed_dir: Path) -> None:

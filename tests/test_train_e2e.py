@@ -34,7 +34,7 @@ def _check_run(run_dir: Path, steps: int, saves: list[int]) -> list[dict[str, ob
     assert sorted(p.name for p in (run_dir / "samples").glob("*.png"))
     for step in saves:
         folder = run_dir / "checkpoints" / f"step_{step:08d}"
-        assert (folder / "COMPLETE").is_file(), folder
+        assert (folder / "MANIFEST.json").is_file(), folder
         for net in ("encoder", "generator"):  # file names differ by ZeRO stage
             assert list((folder / net / "ds").glob("*model_states.pt")), folder / net
             assert list((folder / net / "ds").glob("*optim_states.pt")), folder / net
@@ -69,12 +69,15 @@ def test_plain_python_one_process_trains(tiny_shards: Path, tmp_path: Path) -> N
     proc = run([sys.executable, "launchers/train.py", "--config", "configs/cpu_synthetic.yaml",
                 *_overrides(tiny_shards, tmp_path / "runs", 4, "model.checkpoint_blocks=false")])
     assert proc.returncode == 0, tail(proc)
-    _check_run(_only_run(tmp_path / "runs"), 4, saves=[4])
-    # A second run never writes into the first one's folder.
+    run_dir = _only_run(tmp_path / "runs")
+    _check_run(run_dir, 4, saves=[4])
+    before = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")}
+    # The same command again resumes the finished run: nothing to train, nothing overwritten.
     proc = run([sys.executable, "launchers/train.py", "--config", "configs/cpu_synthetic.yaml",
-                *_overrides(tiny_shards, tmp_path / "runs", 1)])
+                *_overrides(tiny_shards, tmp_path / "runs", 4, "model.checkpoint_blocks=false")])
     assert proc.returncode == 0, tail(proc)
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["cpu-synthetic-00000", "cpu-synthetic-00001"]
+    assert "nothing to do: step 4 of train.total_steps=4" in proc.stderr + proc.stdout, tail(proc)
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")} == before
 
 
 def test_dry_run_prints_the_resolved_config_and_starts_nothing(tiny_shards: Path, tmp_path: Path) -> None:
@@ -91,7 +94,7 @@ def test_non_finite_loss_stops_with_step_and_terms_and_saves_nothing(tiny_shards
                             "generator.precision=fp32")])
     assert proc.returncode == 3, tail(proc)
     assert "step 1: non-finite loss in" in proc.stderr and "l_ae=" in proc.stderr and "loss_e" in proc.stderr
-    assert not (_only_run(tmp_path / "runs") / "checkpoints").exists()
+    assert not list((_only_run(tmp_path / "runs") / "checkpoints").glob("step_*"))
 
 
 @pytest.mark.parametrize(

@@ -26,12 +26,23 @@ another. Resampled mode uses the same ``n_e`` for its nominal epochs, which only
 
 Determinism: everything is a function of ``(seed, epoch, rank, worker)``, never of the pid,
 clock or environment; the same arguments give the same batches.
+
+Resume: a rank's position is one number, the batches it has consumed. The DataLoader takes
+batches from its workers strictly in turn, so after ``k`` batches worker ``w`` has delivered
+``k // W + (w < k % W)`` of them and worker ``k % W`` is next. A stream started at ``k``
+(:class:`ShardStream` ``consumed=k``) lets its first DataLoader worker play stream worker
+``k % W``, and each stream worker fast-forwards through the samples of its current epoch it
+had already delivered without decoding them (reading is cheap, decoding is not), drawing the
+flip decisions it drew then. The batches that follow are the ones an uninterrupted run would
+have seen, provided no skipped sample was undecodable.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import random
+import signal
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -185,7 +196,7 @@ def describe_epoch(spec: StreamSpec, epoch: int = 0) -> str:
     used = n * spec.batch_per_rank * spec.num_streams
     line = f"data: {streams}, epoch {epoch}: {n} batches per stream, {used} of {total} images ({used / total:.0%})"
     if used < 0.95 * total:
-        line += (f"; each stream leaves out its last partial batch: fewer streams (data.num_workers) "
+        line += ("; each stream leaves out its last partial batch: fewer streams (data.num_workers) "
                  "or a smaller batch use more of a dataset this small")
     return line
 
@@ -202,24 +213,30 @@ class ShardStream(torch.utils.data.IterableDataset):
     epoch, batch index in the epoch and the worker's cumulative :class:`ReadStats`.
     """
 
-    def __init__(self, spec: StreamSpec, start_epoch: int = 0) -> None:
+    def __init__(self, spec: StreamSpec, consumed: int = 0) -> None:
         super().__init__()
         self.spec = spec
-        self.start_epoch = start_epoch
+        self.consumed = consumed
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
-        worker = _worker_index()
-        stream = self.spec.rank * self.spec.streams_per_rank + worker
+        workers = self.spec.streams_per_rank
+        # The DataLoader starts at its worker 0; rotate so it plays the worker that is next.
+        worker = (_worker_index() + self.consumed) % workers
+        stream = self.spec.rank * workers + worker
+        delivered = self.consumed // workers + (1 if worker < self.consumed % workers else 0)
+        n_batches = batches_per_stream(self.spec, 0)  # the same every epoch
+        start_epoch, skip = divmod(delivered, n_batches)
         stats = ReadStats()
-        for epoch in itertools.count(self.start_epoch):
-            n_batches = batches_per_stream(self.spec, epoch)
-            batches = self._batches(epoch, worker, stream, stats)
-            for index in range(n_batches):
+        for epoch in itertools.count(start_epoch):
+            first = skip if epoch == start_epoch else 0
+            batches = self._batches(epoch, worker, stream, stats, skip_batches=first)
+            for index in range(first, n_batches):
                 images = next(batches)
                 yield images, {"worker": worker, "epoch": epoch, "batch": index, "stats": stats.as_dict()}
             batches.close()  # closes the open shard (and its pipe: process) before the next epoch
 
-    def _batches(self, epoch: int, worker: int, stream: int, stats: ReadStats) -> Iterator[torch.Tensor]:
+    def _batches(self, epoch: int, worker: int, stream: int, stats: ReadStats,
+                 skip_batches: int = 0) -> Iterator[torch.Tensor]:
         spec = self.spec
         own = slices_of_stream(spec, epoch, stream)
         shuffle_seed = derive_seed(spec.seed, epoch, spec.rank, worker, _SHUFFLE)
@@ -236,6 +253,15 @@ class ShardStream(torch.utils.data.IterableDataset):
                                       wds.shuffle(spec.shuffle_buffer, seed=shuffle_seed + 1)(resampled))
         else:
             samples = wds.shuffle(spec.shuffle_buffer, seed=shuffle_seed)(resampled)
+        if skip_batches:
+            # Resume: pass over the samples this stream already delivered, undecoded, drawing
+            # the flips decoding drew, then count afresh (the checkpoint holds the counts so far).
+            for _ in range(skip_batches * spec.batch_per_rank):
+                next(samples)
+                if spec.hflip:
+                    rng.random()
+            for name in vars(stats):
+                setattr(stats, name, 0)
         images = _decoded(samples, spec.resolution_px, spec.hflip, rng, stats)
         while True:
             yield torch.from_numpy(np.stack([next(images) for _ in range(spec.batch_per_rank)]))
@@ -279,19 +305,23 @@ class TrainStream:
     ride along with each batch are kept for the training log.
     """
 
-    def __init__(self, spec: StreamSpec, start_epoch: int = 0) -> None:
+    def __init__(self, spec: StreamSpec, consumed: int = 0, counts_so_far: dict[str, int] | None = None) -> None:
         spec.validate()
         self.spec = spec
         self.loader = torch.utils.data.DataLoader(
-            ShardStream(spec, start_epoch),
+            ShardStream(spec, consumed),
             batch_size=None,  # the streams batch themselves
             num_workers=spec.num_workers,
             persistent_workers=spec.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=_ignore_stop_signals,
         )
         self._batches: Iterator[tuple[torch.Tensor, dict[str, Any]]] | None = None
         self._stats_by_worker: dict[int, dict[str, int]] = {}
-        self.epoch = start_epoch
+        self._counts_so_far = dict(counts_so_far or {})
+        #: Batches this rank has taken from the stream since the run began: its resume position.
+        self.consumed = consumed
+        self.epoch = consumed // (spec.streams_per_rank * batches_per_stream(spec, 0))
         self.batch_in_epoch = -1
 
     def __iter__(self) -> TrainStream:
@@ -301,13 +331,25 @@ class TrainStream:
         if self._batches is None:
             self._batches = iter(self.loader)
         images, info = next(self._batches)
+        self.consumed += 1
         self._stats_by_worker[info["worker"]] = info["stats"]
         self.epoch, self.batch_in_epoch = info["epoch"], info["batch"]
         return images
 
+    def close(self) -> None:
+        """Stop the worker processes now (idempotent).
+
+        Needed on every exit path: the workers ignore SIGTERM (see :func:`_ignore_stop_signals`),
+        so the interpreter's exit handler, which terminates its children with SIGTERM and then
+        joins them, would wait forever. Dropping the iterators makes the DataLoader shut its
+        workers down through their queues instead.
+        """
+        self._batches = None
+        self.loader = None  # type: ignore[assignment]  # also drops its persistent-workers iterator
+
     def stats(self) -> dict[str, int]:
-        """Read counts summed over this rank's workers (cumulative since the stream started)."""
-        total = ReadStats().as_dict()
+        """Read counts summed over this rank's workers, cumulative since the run began."""
+        total = {**ReadStats().as_dict(), **self._counts_so_far}
         for counts in self._stats_by_worker.values():
             for name, value in counts.items():
                 total[name] += value
@@ -355,6 +397,44 @@ def read_fixed_images(shards: list[ShardInfo] | tuple[ShardInfo, ...], count: in
     if len(images) < count:
         raise DataError(f"the shards hold {len(images)} decodable images, fewer than the {count} asked for")
     return to_unit_float(torch.from_numpy(np.stack(images)))
+
+
+def batches_per_rank_epoch(spec: StreamSpec) -> int:
+    """Batches one rank takes per epoch: ``n_e`` from each of its streams."""
+    return spec.streams_per_rank * batches_per_stream(spec, 0)
+
+
+def layout_key(spec: StreamSpec) -> dict[str, Any]:
+    """What must match for a saved stream position to mean the same batches after a resume."""
+    shards = [[s.url, s.num_samples] for s in spec.shards]
+    return {"rank": spec.rank, "world_size": spec.world_size, "streams_per_rank": spec.streams_per_rank,
+            "batch_per_rank": spec.batch_per_rank, "seed": spec.seed, "mode": spec.mode,
+            "resolution_px": spec.resolution_px, "shuffle_buffer": spec.shuffle_buffer, "hflip": spec.hflip,
+            "shards": hashlib.sha256(repr(shards).encode()).hexdigest()}
+
+
+def position_after_layout_change(consumed: int, old_batches_per_epoch: int, new: StreamSpec) -> int:
+    """The position in ``new`` at the same epoch and the same share of it as ``consumed`` was
+    in a stream of ``old_batches_per_epoch`` batches per rank and epoch.
+
+    Used when the world size, workers, batch or shards changed between a save and a resume:
+    the exact position no longer exists, so the stream goes on in the same epoch at the same
+    fraction of it (each image still about once per epoch).
+    """
+    old_per_epoch = old_batches_per_epoch
+    epoch, within = divmod(consumed, old_per_epoch)
+    new_n = batches_per_stream(new, 0)
+    return new.streams_per_rank * (epoch * new_n + round(within / old_per_epoch * new_n))
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGUSR1 to the trainer, which saves before stopping them.
+
+    Launchers signal the whole process tree (deepspeed's, srun); a worker killed by it would
+    make the DataLoader raise in the middle of the step the trainer is finishing.
+    """
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _worker_index() -> int:

@@ -1,0 +1,114 @@
+"""The checkpoint folder logic alone (no engines): manifest, discovery, retention, config diffs,
+and cutting the metrics log back on resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from introvae_dist.checkpoint import (
+    CheckpointError, check_files, config_changes, delete_checkpoint, describe_files, list_files, read_latest,
+    read_manifest, retention_victims, survey, write_latest, write_manifest,
+)
+from introvae_dist.config import ConfigError, config_to_dict, load_config
+from introvae_dist.resume import plan_resume, trim_metrics
+
+
+def _fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
+    folder = root / "checkpoints" / f"step_{step:08d}"
+    (folder / "encoder" / "ds").mkdir(parents=True)
+    (folder / "encoder" / "ds" / "shard.pt").write_bytes(b"x" * 100)
+    cfg = config_to_dict(load_config(None))
+    (folder / "trainer_state.json").write_text(json.dumps({"step": step, "images_seen": 8 * step, "world_size": 2,
+                                                           "config": cfg}))
+    if complete:
+        files = list_files(folder)
+        write_manifest(folder, step, describe_files(folder, files))
+    return folder
+
+
+def test_manifest_lists_every_file_and_catches_truncation_and_change(tmp_path: Path) -> None:
+    folder = _fake_checkpoint(tmp_path, 3)
+    manifest = read_manifest(folder)
+    assert sorted(manifest["files"]) == ["encoder/ds/shard.pt", "trainer_state.json"]
+    assert check_files(folder, manifest, sorted(manifest["files"])) == []
+    shard = folder / "encoder" / "ds" / "shard.pt"
+    shard.write_bytes(b"x" * 99)
+    assert "has 99 bytes, the manifest says 100" in check_files(folder, manifest, ["encoder/ds/shard.pt"])[0]
+    shard.write_bytes(b"y" * 100)
+    assert "does not match its sha256" in check_files(folder, manifest, ["encoder/ds/shard.pt"])[0]
+    assert check_files(folder, manifest, ["encoder/ds/shard.pt"], check="size") == []
+    (folder / "MANIFEST.json").write_text('{"format": "something else"}')
+    with pytest.raises(CheckpointError, match="not an introvae-dist checkpoint manifest"):
+        read_manifest(folder)
+
+
+def test_survey_sorts_complete_newest_first_and_names_the_rest(tmp_path: Path) -> None:
+    for step in (100, 300, 200):
+        _fake_checkpoint(tmp_path, step)
+    _fake_checkpoint(tmp_path, 400, complete=False)
+    (tmp_path / "checkpoints" / "notes.txt").write_text("mine")
+    write_latest(tmp_path / "checkpoints", "step_00000300")
+    found = survey(tmp_path / "checkpoints")
+    assert [step for step, _ in found.with_manifest] == [300, 200, 100]
+    assert [p.name for p in found.incomplete] == ["step_00000400"]
+    assert [p.name for p in found.foreign] == ["notes.txt"]
+    assert read_latest(tmp_path / "checkpoints") == "step_00000300"
+
+
+@pytest.mark.parametrize(
+    "steps,keep_last,keep_every,protected,victims",
+    [
+        ([100, 200, 300, 400, 500], 2, 0, set(), [100, 200, 300]),
+        ([100, 200, 300, 400, 500], 2, 200, set(), [100, 300]),   # 200 and 400 are permanent
+        ([100, 200, 300, 400, 500], 1, 0, {200}, [100, 300, 400]),  # never the one resumed from
+        ([500], 3, 0, set(), []),
+    ],
+)
+def test_retention_keeps_last_k_every_nth_and_the_resumed(steps, keep_last, keep_every, protected, victims) -> None:
+    assert retention_victims(steps, keep_last, keep_every, protected) == victims
+
+
+def test_delete_removes_the_manifest_first(tmp_path: Path) -> None:
+    folder = _fake_checkpoint(tmp_path, 1)
+    delete_checkpoint(folder)
+    assert not folder.exists()
+
+
+def test_config_changes_split_into_refused_and_accepted() -> None:
+    old = config_to_dict(load_config(None))
+    new = config_to_dict(load_config(None, ["model.latent_dim=512", "encoder.lr=1e-4", "generator.precision=fp32",
+                                            "train.log_every_steps=5"]))
+    changes = config_changes(old, new)
+    assert changes.refused == ["generator.precision: 'bf16' -> 'fp32'", "model.latent_dim: 256 -> 512"]
+    assert changes.accepted == ["encoder.lr: 0.0002 -> 0.0001", "train.log_every_steps: 10 -> 5"]
+
+
+def test_plan_resume_refuses_network_changes_and_names_keys(tmp_path: Path) -> None:
+    _fake_checkpoint(tmp_path, 5)
+    cfg = config_to_dict(load_config(None, ["model.latent_dim=64"]))
+    with pytest.raises(ConfigError, match=r"model.latent_dim: 256 -> 64"):
+        plan_resume(tmp_path, "auto", cfg)
+    plan = plan_resume(tmp_path, "auto", config_to_dict(load_config(None, ["train.total_steps=9"])))
+    assert [p.name for p in plan.candidates] == ["step_00000005"]
+    assert plan.accepted_changes == ("train.total_steps: 1000 -> 9",)
+
+
+def test_trim_metrics_keeps_steps_up_to_the_resumed_one(tmp_path: Path) -> None:
+    lines = [json.dumps({"step": s, "l_ae": 1.0}) for s in range(1, 8)] + ['{"step": 8, "l_a']  # cut by a kill
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert trim_metrics(tmp_path, 5) == 3
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    assert len((tmp_path / "metrics.discarded.jsonl").read_text().splitlines()) == 3
+
+
+def test_run_folder_lock_refuses_a_second_job_and_names_the_first(tmp_path: Path) -> None:
+    from introvae_dist.resume import lock_run_dir
+
+    first = lock_run_dir(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"run is in use by pid \d+ on "):
+        lock_run_dir(tmp_path / "run")
+    first.close()  # the job ended: the folder is free again
+    lock_run_dir(tmp_path / "run").close()
