@@ -262,13 +262,19 @@ def test_cli_incomplete_or_damaged_checkpoints_and_bad_outputs_exit_2_and_write_
     truncated = shutil.copytree(good, tmp_path / "truncated")
     optim = truncated / "encoder" / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     optim.write_bytes(optim.read_bytes()[:1000])
+    legacy = shutil.copytree(good, tmp_path / "legacy")  # the old COMPLETE marker: no sizes to check
+    (legacy / "MANIFEST.json").unlink()
+    (legacy / "COMPLETE").write_text("")
+    (legacy / "generator" / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     (tmp_path / "existing.safetensors").write_bytes(b"keep me")
     (tmp_path / "a_file").write_text("x")
     out = tmp_path / "out" / "w.safetensors"
     for checkpoint, target, message in [
         (incomplete, out, f"{incomplete}: incomplete checkpoint"),
-        (one_rank_missing, out, f"{one_rank_missing / 'generator' / 'ds'}: cannot read"),
-        (truncated, out, f"{truncated / 'encoder' / 'ds'}: cannot read"),
+        # Caught by the manifest's sizes before DeepSpeed reads anything.
+        (one_rank_missing, out, "damaged checkpoint: generator/ds/zero_pp_rank_1_mp_rank_00_optim_states.pt is missing"),
+        (truncated, out, "encoder/ds/zero_pp_rank_0_mp_rank_00_optim_states.pt has 1000 bytes, the manifest says"),
+        (legacy, out, f"{legacy / 'generator' / 'ds'}: cannot read"),
         (good, tmp_path / "existing.safetensors", "already exists; pass --overwrite"),
         (good, tmp_path, "is a folder"),
         (good, tmp_path / "a_file" / "w.safetensors", f"{tmp_path / 'a_file'}: cannot write"),
@@ -276,8 +282,8 @@ def test_cli_incomplete_or_damaged_checkpoints_and_bad_outputs_exit_2_and_write_
         err = _cli_error(capsys, checkpoint, "--out", target)
         assert message in err, err
     assert (tmp_path / "existing.safetensors").read_bytes() == b"keep me"
-    # The damaged ones failed after the temporary output file was made: it is gone.
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+    # Nothing was left behind, not even a temporary file.
+    assert not (tmp_path / "out").exists() or sorted(p.name for p in (tmp_path / "out").iterdir()) == []
 
 
 def test_cli_export_help(capsys: pytest.CaptureFixture[str]) -> None:
