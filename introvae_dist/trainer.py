@@ -291,7 +291,7 @@ class Trainer:
                   f"converting it to DeepSpeed's universal format in {target}", flush=True)
             for net in ENGINE_DIRS:
                 if not (target / net).is_dir():
-                    (target).mkdir(parents=True, exist_ok=True)
+                    target.mkdir(parents=True, exist_ok=True)
                     self._engine_lib.convert_to_universal(self.resumed_from / net, ENGINE_TAG, target / net)
         _barrier(self.world)
 
