@@ -89,9 +89,7 @@ def export_checkpoint(step_folder: Path, out: Path, *, overwrite: bool = False) 
     tmp = _reserve_temp(out)
     try:
         tensors: dict[str, torch.Tensor] = {}
-        for net_name, expected in zip(NETWORKS, _expected_shapes(model)):
-            net_state = consolidate(step_folder / net_name)
-            _check_fits(net_state, expected, step_folder / net_name / TAG, net_name)
+        for net_name, net_state in consolidated_networks(step_folder, model).items():
             tensors.update({PREFIXES[net_name] + name: _fp32_copy(t) for name, t in net_state.items()})
         metadata = {
             META_FORMAT: FORMAT,
@@ -137,6 +135,18 @@ def read_checkpoint(step_folder: Path) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ExportError(f"{state_path}: unreadable or without step/images_seen/config.model ({e!r})") from None
     return {"step": step, "images_seen": images_seen, "model": _model_config(model_section, state_path)}
+
+
+def consolidated_networks(step_folder: Path, model: ExportedModelConfig) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"encoder": state, "generator": state}`` of a checked checkpoint (:func:`read_checkpoint`):
+    each network's whole state dict (fp32 master weights, rank 0's buffers), checked against
+    ``model``. Used by the export and by the inference commands, which need no engine."""
+    networks = {}
+    for net_name, expected in zip(NETWORKS, _expected_shapes(model)):
+        net_state = consolidate(step_folder / net_name)
+        _check_fits(net_state, expected, step_folder / net_name / TAG, net_name)
+        networks[net_name] = net_state
+    return networks
 
 
 def consolidate(net_folder: Path) -> dict[str, torch.Tensor]:

@@ -399,6 +399,31 @@ def read_fixed_images(shards: list[ShardInfo] | tuple[ShardInfo, ...], count: in
     return to_unit_float(torch.from_numpy(np.stack(images)))
 
 
+def read_image_range(shards: list[ShardInfo] | tuple[ShardInfo, ...], start: int, stop: int, resolution_px: int,
+                     batch: int, stats: ReadStats) -> Iterator[torch.Tensor]:
+    """Images ``[start, stop)`` of the shards laid end to end in order, decoded unflipped, as
+    uint8 batches (up to ``batch``, 3, R, R).
+
+    For evaluation: each rank reads its own contiguous range, touching only the shards that
+    hold it. Needs every shard's sample count (a manifest, or
+    :func:`~introvae_dist.data.shard_set.with_sample_counts`). Undecodable images are left
+    out and counted in ``stats``, so a range may yield fewer images than it spans.
+    """
+    pieces, offset = [], 0
+    for shard in shards:
+        if shard.num_samples is None:
+            raise DataError(f"shard {shard.url!r} has no sample count (needed to read images by index)")
+        end = offset + shard.num_samples
+        if offset < stop and end > start:
+            skip = max(start, offset) - offset
+            pieces.append(ShardSlice(shard, skip, min(stop, end) - offset - skip))
+        offset = end
+    samples = (sample for piece in pieces for sample in shard_samples(piece.shard, stats, piece.skip, piece.take))
+    images = _decoded(samples, resolution_px, False, random.Random(0), stats)
+    while chunk := list(itertools.islice(images, batch)):
+        yield torch.from_numpy(np.stack(chunk))
+
+
 def batches_per_rank_epoch(spec: StreamSpec) -> int:
     """Batches one rank takes per epoch: ``n_e`` from each of its streams."""
     return spec.streams_per_rank * batches_per_stream(spec, 0)
