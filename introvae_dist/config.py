@@ -152,6 +152,42 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """A small ``introvae-dist evaluate`` every ``every_steps`` steps, appended to RUN/eval.jsonl
+    (docs/EVALUATION.md). Off by default: FID needs the Inception weights file."""
+
+    #: 0: off.
+    every_steps: int = 0
+    #: Of "fid", "ms_ssim", "rmse" (rmse needs heldout_shards).
+    metrics: list[Literal["fid", "ms_ssim", "rmse"]] = field(default_factory=lambda: ["fid", "ms_ssim"])
+    #: Generated images for FID (the paper's protocol uses 50,000; this is a quick look).
+    num_images: int = 1000
+    ms_ssim_pairs: int = 500
+    #: FID's real images; null: data.shards. The first num_real of them.
+    real_shards: str | None = None
+    num_real: int = 5000
+    #: Held-out images for RMSE/PSNR; the first num_heldout of them.
+    heldout_shards: str | None = None
+    num_heldout: int = 500
+    #: The FID Inception weights file; null: $INTROVAE_DIST_INCEPTION.
+    inception: str | None = None
+    #: Cache of real-set statistics; null: $INTROVAE_DIST_CACHE/fid-stats or ~/.cache/introvae-dist/fid-stats.
+    cache_dir: str | None = None
+    #: Images per forward pass on each rank (even: MS-SSIM pairs images 2k, 2k+1).
+    batch_per_rank: int = 32
+
+    def validate(self) -> None:
+        if self.every_steps < 0:
+            raise ConfigError(f"eval.every_steps={self.every_steps}: expected >= 0 (0 turns it off)")
+        for name in ("num_images", "ms_ssim_pairs", "num_real", "num_heldout", "batch_per_rank"):
+            _positive(f"eval.{name}", getattr(self, name))
+        if not self.metrics:
+            raise ConfigError("eval.metrics is empty: expected some of fid, ms_ssim, rmse")
+        if "rmse" in self.metrics and not self.heldout_shards:
+            raise ConfigError("eval.metrics has rmse: set eval.heldout_shards to the held-out images")
+
+
+@dataclass
 class RunConfig:
     """Where outputs land (the run folder ROOT/NAME), where training resumes from, and how
     long a rank waits for the others before giving up."""
@@ -182,6 +218,7 @@ class Config:
     generator: EngineConfig = field(default_factory=EngineConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> None:
@@ -191,6 +228,7 @@ class Config:
         self.generator.validate("generator")
         self.data.validate()
         self.train.validate()
+        self.eval.validate()
         self.run.validate()
 
 

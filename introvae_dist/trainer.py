@@ -221,6 +221,7 @@ class Trainer:
         verify_shard_set(plan.shard_set, cfg.data.verify, world)
         self.run_dir = plan.resume.run_dir
         self.ckpt_dir = self.run_dir / CHECKPOINTS_DIR
+        self.evaluator = self._build_evaluator() if cfg.eval.every_steps else None
         self._lock = self._lock_run_dir()
         self.resumed_from = select_checkpoint(plan.resume, world, config_to_dict(cfg))
         saved = read_trainer_state(self.resumed_from) if self.resumed_from else None
@@ -367,6 +368,8 @@ class Trainer:
         last = self.step == t.total_steps
         if self.step % t.sample_every_steps == 0 or last:
             self.write_grid()
+        if self.evaluator is not None and self.step % self.cfg.eval.every_steps == 0:
+            self._evaluate(log)
         if self.step % t.save_every_steps == 0 or last or flags:
             path = self.save()
             why = "stop signal" if "stop" in flags else "time" if flags else "step"
@@ -414,6 +417,28 @@ class Trainer:
         if self.world.is_main:
             save_grid([self.grid_real, rec, sample], path)
         return path
+
+    # -- evaluation during training (eval.every_steps; introvae_dist.evaluation) -----------------
+
+    def _build_evaluator(self) -> Any:
+        """Checks the eval section's inputs (shards, Inception file) before any engine starts."""
+        from introvae_dist.evaluation import EvaluationInputError, TrainingEvaluator
+
+        try:
+            return TrainingEvaluator(self.cfg.eval, self.cfg.data.shards, self.run_dir, self.cfg.model.resolution_px,
+                                     self.cfg.train.seed)
+        except EvaluationInputError as e:
+            raise ConfigError(f"eval: {e}") from None
+
+    def _evaluate(self, log: RunLog) -> None:
+        """Every rank evaluates its share of the networks as they are now; rank 0 logs the figures."""
+        from introvae_dist.evaluation import EVAL_LOG_NAME, summary
+        from introvae_dist.rank_work import Workers
+
+        record = self.evaluator.run(self.enc.module, self.gen.module, self.step, self.images_seen,
+                                    Workers(self.world, self.device))
+        if record is not None:
+            log.message(f"step {self.step}: eval {summary(record)} (in {EVAL_LOG_NAME})")
 
     # -- checkpoints ----------------------------------------------------------------------------
 
