@@ -4,11 +4,19 @@
     introvae-dist shards lmdb     SRC --out DIR [options]   # LSUN's lmdb export
     introvae-dist shards celebahq SRC --out DIR [options]   # the 30,000 CelebA-HQ images
     introvae-dist export CHECKPOINT --out FILE.safetensors   # fp32 weights of E and G for inference
+    introvae-dist sample SOURCE --grid FILE.png               # seeded samples: PNGs, a grid or shards
+    introvae-dist reconstruct SOURCE IMAGES... --out FILE.png # input | reconstruction pairs
+    introvae-dist interpolate SOURCE A B [C...] --out FILE.png  # latent strips as the paper's Fig. 6
+    introvae-dist evaluate SOURCE --real SHARDS [--heldout SHARDS]  # FID, MS-SSIM, RMSE/PSNR -> eval.jsonl
 
-Also runnable as ``python -m introvae_dist.cli``. Later commands (``sample``, ``evaluate``)
-are siblings of ``shards`` and ``export``: an ``_add_<name>_command(commands)`` that registers
-a parser whose ``run`` default takes the parsed arguments and returns the exit status.
-Commands that need torch import it inside their ``run``, so ``shards`` starts without it.
+SOURCE is an exported weights file, a checkpoint step folder or a run folder (its newest
+complete checkpoint); docs/EVALUATION.md has the protocols. ``sample`` and ``evaluate`` split
+their work over all ranks when started by a launcher (``torchrun ... -m introvae_dist.cli``).
+
+Also runnable as ``python -m introvae_dist.cli``. Each command is an
+``_add_<name>_command(commands)`` that registers a parser whose ``run`` default takes the
+parsed arguments and returns the exit status. Commands that need torch import it inside their
+``run``, so ``shards`` starts without it.
 
 Exit status: 0 done; 1 writing failed (finished shards are kept; export leaves no file);
 2 bad input, reported in one line on stderr naming the path or option; 130 interrupted by
@@ -83,9 +91,16 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="IntroVAE trainer tools.")
+    # The deepspeed launcher passes --local_rank=N before the command; the rank comes from the
+    # environment (introvae_dist.distributed), so the option is accepted and ignored.
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_shards_command(commands)
     _add_export_command(commands)
+    _add_sample_command(commands)
+    _add_reconstruct_command(commands)
+    _add_interpolate_command(commands)
+    _add_evaluate_command(commands)
     return parser
 
 
@@ -281,6 +296,280 @@ def _size(num_bytes: int) -> str:
         if num_bytes >= scale:
             return f"{num_bytes / scale:.1f} {unit}"
     return f"{num_bytes} bytes"
+
+
+# --- using a trained model: sample, reconstruct, interpolate, evaluate -----------------------
+
+_SOURCE_HELP = ("an exported weights file (introvae-dist export), a checkpoint folder RUN/checkpoints/step_NNNNNNNN, "
+                "or a run folder (its newest complete checkpoint)")
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, batch: int) -> None:
+    parser.add_argument("source", type=Path, metavar="SOURCE", help=_SOURCE_HELP)
+    run = parser.add_argument_group("running")
+    run.add_argument("--batch", type=_positive_int, default=batch, metavar="N",
+                     help="images per forward pass on each rank (default: %(default)s)")
+    run.add_argument("--device", metavar="DEVICE",
+                     help="torch device, e.g. cpu or cuda:1 (default: this rank's GPU if there is one, else cpu)")
+
+
+def _run_with_models(args: argparse.Namespace, body: Callable[[argparse.Namespace], int]) -> int:
+    """Run ``body``, turning bad input (paths, images, shards, weights) into exit status 2."""
+    from introvae_dist.data.image_inputs import ImageInputError
+    from introvae_dist.data.shard_set import DataError
+    from introvae_dist.evaluation import EvaluationInputError
+    from introvae_dist.inference import ModelSourceError
+
+    try:
+        return body(args)
+    except (ModelSourceError, ImageInputError, EvaluationInputError, DataError) as exc:
+        _say("error", str(exc))
+        return EXIT_BAD_INPUT
+
+
+def _check_output_file(path: Path, option: str) -> None:
+    if path.is_dir():
+        raise ShardInputError(f"{option} {path}: is a folder; give a file path such as {path / 'out.png'}")
+
+
+def _check_output_folder(path: Path, option: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise ShardInputError(f"{option} {path}: exists and is not a folder")
+
+
+def _add_sample_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "sample", help="draw seeded samples: PNG files, one grid, or WebDataset shards",
+        description="Decode N latents z_i ~ N(0, I) with the generator. Image i uses a latent seeded by "
+        "(--seed, i), and is computed in the batch [kB, (k+1)B) that holds it, so the same seed, --batch and "
+        "thread count give the same images bit for bit on any number of ranks. Under a launcher (torchrun, "
+        "deepspeed --module) every rank draws a contiguous share.",
+    )
+    parser.set_defaults(run=lambda args: _run_with_models(args, _run_sample))
+    _add_model_arguments(parser, batch=32)
+    parser.add_argument("-n", "--num-images", type=_positive_int, default=64, metavar="N",
+                        help="images 0..N-1 of the seed (default: %(default)s)")
+    parser.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0, help="(default: %(default)s)")
+    out = parser.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", type=Path, metavar="DIR", help="write DIR/sample_NNNNNNNN.png, one PNG per image")
+    out.add_argument("--grid", type=Path, metavar="FILE", help="write one PNG grid of all N images")
+    out.add_argument("--shards", type=Path, metavar="DIR",
+                     help="write WebDataset shards NAME-%%06d.tar of PNGs (keys: image index) and manifest.json, "
+                     "readable by training and by evaluate --real")
+    parser.add_argument("--grid-columns", type=_positive_int, metavar="C", help="images per grid row (default: ~sqrt(N))")
+    parser.add_argument("--samples-per-shard", type=_positive_int, default=1000, metavar="N",
+                        help="with --shards (default: %(default)s)")
+    parser.add_argument("--name", default="samples", help="with --shards: shard file prefix (default: %(default)s)")
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    import math
+
+    from introvae_dist.data.shard_writer import SHARD_NAME_PATTERN
+    from introvae_dist.inference import find_source, load_models
+    from introvae_dist.rank_work import Workers
+    from introvae_dist import sampling
+
+    source = find_source(args.source)
+    if args.grid is not None:
+        _check_output_file(args.grid, "--grid")
+    for option, folder in (("--out", args.out), ("--shards", args.shards)):
+        if folder is not None:
+            _check_output_folder(folder, option)
+    if args.shards is not None and not SHARD_NAME_PATTERN.match(args.name):
+        raise ShardInputError(f"--name must match {SHARD_NAME_PATTERN.pattern}, got {args.name!r}")
+    workers = Workers.from_env(args.device)
+    try:
+        models = load_models(source, workers.device)
+        job = sampling.SampleJob(models.generator, args.num_images, args.seed, args.batch, workers)
+        if args.grid is not None:
+            columns = args.grid_columns or math.ceil(math.sqrt(args.num_images))
+            sampling.write_grid(job, args.grid, columns)
+            written = f"{args.grid}: a grid of {args.num_images} samples"
+        elif args.out is not None:
+            sampling.write_pngs(job, args.out)
+            written = f"{args.out}: {args.num_images} PNGs sample_00000000.png ..."
+        else:
+            shards = sampling.write_shards(job, args.shards, args.name, args.samples_per_shard, source)
+            written = f"{args.shards}: {args.num_images} samples in {shards} shard(s) and manifest.json"
+        if workers.is_main:
+            print(f"{written} (seed {args.seed}, {workers.world.world_size} rank(s)) from {source.describe()}")
+    finally:
+        workers.close()
+    return EXIT_OK
+
+
+def _add_reconstruct_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "reconstruct", help="write input | reconstruction pairs of real images as one PNG grid",
+        description="Encode real images and decode them again: G(mu) by default, or G(mu + sigma * eps) with "
+        "--stochastic (eps of image i seeded by (--seed, i)). Images are centre-cropped and resized to the "
+        "model's side as training decodes them; smaller images are refused. Runs in one process (under a "
+        "launcher, rank 0 does the work).",
+    )
+    parser.set_defaults(run=lambda args: _run_with_models(args, _run_reconstruct))
+    _add_model_arguments(parser, batch=32)
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="image files, folders of images (recursive, sorted), or shards (a .tar, a shard "
+                        "folder or manifest.json, a brace pattern); read in the order given")
+    parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="the PNG grid to write")
+    parser.add_argument("-n", "--num-images", type=_positive_int, default=16, metavar="N",
+                        help="the first N images of the inputs (default: %(default)s)")
+    parser.add_argument("--stochastic", action="store_true", help="decode a sampled z instead of mu")
+    parser.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0, help="with --stochastic (default: %(default)s)")
+    parser.add_argument("--pairs-per-row", type=_positive_int, default=4, metavar="K", help="(default: %(default)s)")
+
+
+def _run_reconstruct(args: argparse.Namespace) -> int:
+    from introvae_dist.data.image_inputs import read_image_inputs
+    from introvae_dist.distributed import world_from_env
+    from introvae_dist.images import save_grid
+    from introvae_dist.inference import find_source, load_models, reconstruct
+
+    if not world_from_env().is_main:
+        return EXIT_OK
+    _check_output_file(args.out, "--out")
+    source = find_source(args.source)
+    images, _ = read_image_inputs(args.inputs, source.model.resolution_px, args.num_images)
+    device = _device(args.device)
+    models = load_models(source, device)
+    rec = reconstruct(models, images, device, args.batch, stochastic=args.stochastic, seed=args.seed)
+    pairs = _interleave(images, rec)
+    k = 2 * args.pairs_per_row
+    save_grid([pairs[i:i + k] for i in range(0, pairs.shape[0], k)], args.out)
+    how = f"stochastic, seed {args.seed}" if args.stochastic else "from mu"
+    print(f"{args.out}: {images.shape[0]} input | reconstruction ({how}) pairs from {source.describe()}")
+    return EXIT_OK
+
+
+def _interleave(a: "torch.Tensor", b: "torch.Tensor") -> "torch.Tensor":  # noqa: F821 (torch imported lazily)
+    """(N, ...) and (N, ...) -> (2N, ...) as a0, b0, a1, b1, ..."""
+    import torch
+
+    return torch.stack([a, b], dim=1).flatten(0, 1)
+
+
+def _add_interpolate_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "interpolate", help="latent interpolation strips between real images (the paper's Fig. 6)",
+        description="For each consecutive pair of input images a, b: one row real a | G(mu_a) | "
+        "interpolations | G(mu_b) | real b. The ends next to the real images are their reconstructions from "
+        "mu, the images `reconstruct` draws. Runs in one process (under a launcher, rank 0 does the work).",
+    )
+    parser.set_defaults(run=lambda args: _run_with_models(args, _run_interpolate))
+    _add_model_arguments(parser, batch=32)
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE",
+                        help="two or more images (files, folders or shards as for reconstruct), in order")
+    parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="the PNG to write")
+    parser.add_argument("--steps", type=_int_in(2, 1000), default=8, metavar="K",
+                        help="latent codes per strip from mu_a to mu_b, both included (default: %(default)s)")
+    parser.add_argument("--mode", choices=("linear", "slerp"), default="linear",
+                        help="linear as the paper, or spherical (default: %(default)s)")
+
+
+def _run_interpolate(args: argparse.Namespace) -> int:
+    from introvae_dist.data.image_inputs import ImageInputError, read_image_inputs
+    from introvae_dist.distributed import world_from_env
+    from introvae_dist.images import save_grid
+    from introvae_dist.inference import find_source, interpolation_strips, load_models
+
+    if not world_from_env().is_main:
+        return EXIT_OK
+    _check_output_file(args.out, "--out")
+    source = find_source(args.source)
+    images, labels = read_image_inputs(args.inputs, source.model.resolution_px)
+    if images.shape[0] < 2:
+        raise ImageInputError(f"interpolate needs two or more images, got {images.shape[0]} ({', '.join(labels)})")
+    device = _device(args.device)
+    models = load_models(source, device)
+    strips = interpolation_strips(models, images, args.steps, args.mode, device, args.batch)
+    save_grid(strips, args.out)
+    print(f"{args.out}: {len(strips)} strip(s) of {args.steps} {args.mode} steps between {images.shape[0]} images "
+          f"from {source.describe()}")
+    return EXIT_OK
+
+
+def _device(requested: str | None) -> str:
+    import torch
+
+    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _add_evaluate_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "evaluate", help="FID, MS-SSIM and reconstruction RMSE/PSNR, appended as a JSON line",
+        description="FID of --num-images samples against the first --num-real images of --real (statistics of "
+        "the real set cached by content hash in --cache), MS-SSIM over --ms-ssim-pairs pairs of samples as PGGAN "
+        "computes it, and RMSE/PSNR of reconstructions of --heldout. Under a launcher (torchrun, deepspeed "
+        "--module) the work is split over all ranks. Results are appended to RUN/eval.jsonl (or --out). "
+        "docs/EVALUATION.md has the protocols.",
+    )
+    parser.set_defaults(run=lambda args: _run_with_models(args, _run_evaluate))
+    _add_model_arguments(parser, batch=32)
+    parser.add_argument("--metrics", metavar="LIST",
+                        help="comma-separated, of fid, ms_ssim, rmse (default: fid,ms_ssim, and rmse with --heldout)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--real", metavar="SHARDS", help="FID's real images: a shard folder, manifest.json, pattern")
+    data.add_argument("--num-real", type=_positive_int, default=50_000, metavar="N",
+                      help="use the first N real images, or all if fewer (default: %(default)s)")
+    data.add_argument("--heldout", metavar="SHARDS", help="held-out real images for RMSE/PSNR")
+    data.add_argument("--num-heldout", type=_positive_int, metavar="N", help="the first N held-out images (default: all)")
+    protocol = parser.add_argument_group("protocol")
+    protocol.add_argument("--num-images", type=_positive_int, default=50_000, metavar="N",
+                          help="generated images for FID (default: %(default)s, the paper's)")
+    protocol.add_argument("--ms-ssim-pairs", type=_positive_int, default=10_000, metavar="N",
+                          help="pairs of samples for MS-SSIM (default: %(default)s, the paper's)")
+    protocol.add_argument("--ms-ssim-px", type=_positive_int, default=128, metavar="PX",
+                          help="side at which MS-SSIM is measured; larger samples are box-downsampled "
+                          "(default: %(default)s, the paper's)")
+    protocol.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0, help="samples of this seed (default: %(default)s)")
+    files = parser.add_argument_group("files")
+    files.add_argument("--inception", type=Path, metavar="PATH",
+                       help="the FID Inception weights pt_inception-2015-12-05-6726825d.pth (default: "
+                       "$INTROVAE_DIST_INCEPTION); see docs/EVALUATION.md")
+    files.add_argument("--cache", type=Path, metavar="DIR",
+                       help="cache of real-set statistics (default: $INTROVAE_DIST_CACHE/fid-stats or "
+                       "~/.cache/introvae-dist/fid-stats)")
+    files.add_argument("--out", type=Path, metavar="FILE",
+                       help="JSON-lines file to append to (default: RUN/eval.jsonl; eval.jsonl next to a weights file)")
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    import time
+
+    from introvae_dist import evaluation
+    from introvae_dist.inference import find_source, load_models
+    from introvae_dist.metrics.inception import STANDARD_ID
+    from introvae_dist.rank_work import Workers
+
+    source = find_source(args.source)
+    metrics = (args.metrics.split(",") if args.metrics else ["fid", "ms_ssim"] + (["rmse"] if args.heldout else []))
+    settings = {"num_generated": args.num_images, "ms_ssim_pairs": args.ms_ssim_pairs, "ms_ssim_px": args.ms_ssim_px,
+                "num_real": args.num_real, "num_heldout": args.num_heldout, "seed": args.seed, "batch": args.batch}
+    if args.cache is not None:
+        settings["cache_dir"] = args.cache
+    plan = evaluation.plan_evaluation([m.strip() for m in metrics], source.model.resolution_px, real=args.real,
+                                      heldout=args.heldout, **settings)
+    out = args.out or (source.run_dir or source.path.parent) / evaluation.EVAL_LOG_NAME
+    _check_output_file(out, "--out")
+    features = evaluation.load_inception(args.inception, "cpu") if "fid" in plan.metrics else None
+    workers = Workers.from_env(args.device)
+    try:
+        if features is not None:
+            features.extract.to(workers.device)  # type: ignore[attr-defined]
+            if features.id != STANDARD_ID and workers.is_main:
+                _say("warning", f"{features.id}: not the standard FID Inception weights; these FIDs are not "
+                                "comparable with published ones")
+        models = load_models(source, workers.device)
+        figures = evaluation.evaluate(models.encoder, models.generator, plan, workers, features)
+        if workers.is_main and figures is not None:
+            record = {"source": str(source.path), "step": source.step, "images_seen": source.images_seen,
+                      "resolution_px": source.model.resolution_px, **figures, "time": time.time()}
+            evaluation.append_record(out, record)
+            print(f"{evaluation.summary(record)}; appended to {out}")
+    finally:
+        workers.close()
+    return EXIT_OK
 
 
 # --- shared helpers --------------------------------------------------------------------------
