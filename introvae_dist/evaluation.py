@@ -208,7 +208,7 @@ def _sample_figures(generator: nn.Module, plan: EvalPlan, workers: Workers, feat
     num_pairs_images = 2 * plan.ms_ssim_pairs if "ms_ssim" in plan.metrics else 0
     total = plan.num_samples
     share = workers.share(total, plan.batch)
-    stats = FeatureStats(features.dim) if features is not None and num_fid else None
+    stats = FeatureStats(features.dim, workers.device) if features is not None and num_fid else None
     ms_ssim_sum = torch.zeros(2, dtype=torch.float64)  # sum of values, number of pairs
     batches = generated_batches(generator, share.start, share.stop, plan.seed, plan.batch, workers.device)
     done = 0
@@ -302,7 +302,7 @@ def real_statistics(plan: EvalPlan, workers: Workers, features: FeatureNetwork, 
         mean_cov, count = (cached[:2], cached[2]) if cached is not None else (None, 0)
         return mean_cov, {**info, "fid_num_real": workers.broadcast(count)}
     share = workers.share(total, plan.batch)
-    stats, read = FeatureStats(features.dim), ReadStats()
+    stats, read = FeatureStats(features.dim, workers.device), ReadStats()
     with (bar or _ProgressFactory(False))(total=len(share), desc="real set (rank 0)") as progress:
         for pixels in read_image_range(real.shards, share.start, share.stop, plan.resolution_px, plan.batch, read):
             stats.add(features.extract(pixels.to(workers.device, torch.float32) / 255.0))

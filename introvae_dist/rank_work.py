@@ -79,9 +79,9 @@ class Workers:
         return max_rank_batches(total, batch, self.world.world_size)
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
-        """Element-wise sum over ranks (float64 on the CPU in, float64 on the CPU out)."""
+        """Element-wise sum over ranks of a tensor on any device; the result on the CPU."""
         if self.world.world_size == 1:
-            return values
+            return values.cpu()
         on_device = values.to(self._collective_device())
         dist.all_reduce(on_device)
         return on_device.cpu()

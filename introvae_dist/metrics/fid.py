@@ -25,15 +25,17 @@ FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
 class FeatureStats:
     """Count, sum and sum of outer products of feature vectors, in float64."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
         self.dim = dim
         self.count = 0
-        self.total = torch.zeros(dim, dtype=torch.float64)
-        self.outer = torch.zeros(dim, dim, dtype=torch.float64)
+        # On the features' device: on a GPU the (D, D) products would otherwise cost the CPU
+        # more time than the Inception forward that produced them.
+        self.total = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
 
     def add(self, features: torch.Tensor) -> None:
         """Add a batch of features (B, D)."""
-        f = features.detach().to("cpu", torch.float64)
+        f = features.detach().to(self.total.device, torch.float64)
         if f.ndim != 2 or f.shape[1] != self.dim:
             raise ValueError(f"expected features of shape (B, {self.dim}), got {tuple(f.shape)}")
         self.count += f.shape[0]
@@ -42,7 +44,8 @@ class FeatureStats:
 
     def to_flat(self) -> torch.Tensor:
         """``[count, total, outer]`` in one float64 vector, for a single ``all_reduce(SUM)``."""
-        return torch.cat([torch.tensor([float(self.count)], dtype=torch.float64), self.total, self.outer.flatten()])
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.total.device)
+        return torch.cat([count, self.total, self.outer.flatten()])
 
     @classmethod
     def from_flat(cls, flat: torch.Tensor, dim: int) -> FeatureStats:
@@ -59,8 +62,8 @@ class FeatureStats:
         if self.count < 2:
             raise ValueError(f"FID statistics need at least 2 images, got {self.count}")
         n = self.count
-        mu = self.total / n
-        cov = (self.outer - n * torch.outer(mu, mu)) / (n - 1)
+        mu = self.total.cpu() / n
+        cov = (self.outer.cpu() - n * torch.outer(mu, mu)) / (n - 1)
         return mu.numpy(), ((cov + cov.T) / 2).numpy()
 
 
