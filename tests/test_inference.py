@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from conftest import free_port, run, tail
+from conftest import deepspeed_cmd, free_port, run, tail
 from introvae_dist.cli import main
 from introvae_dist.data.synthetic import render_image, write_synthetic_shards
 from introvae_dist.inference import generated_batches, interpolate_latents, latents, load_models
@@ -204,6 +204,13 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
         assert "SOURCE" in text and all(option in text for option in options), (command, text)
 
 
+def test_evaluate_refuses_an_output_it_cannot_write_before_any_work(weights: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a_file").write_text("x")
+    err = _bad_input(capsys, "evaluate", weights, "--metrics", "ms_ssim", "--out", tmp_path / "a_file" / "eval.jsonl")
+    assert f"{tmp_path / 'a_file' / 'eval.jsonl'}: cannot append the results there" in err
+
+
 def test_missing_weights_file_is_named(tmp_path: Path, image_files: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "nope.safetensors"
     for argv in (["sample", missing, "--grid", tmp_path / "g.png"],
@@ -279,8 +286,10 @@ def test_sample_with_a_seed_is_the_same_on_one_and_two_ranks(weights: Path, tmp_
     assert names == [f"sample_{i:08d}.png" for i in range(13)] == sorted(p.name for p in (tmp_path / "two").iterdir())
     assert all((tmp_path / "one" / n).read_bytes() == (tmp_path / "two" / n).read_bytes() for n in names)
     # Shards written by two ranks hold the same images (same bytes, same checksums) as PNG files.
-    shards = run(_torchrun("sample", weights, "--shards", tmp_path / "shards", "-n", "13", "--batch", "4",
-                           "--seed", "5", "--samples-per-shard", "5"), env=ONE_THREAD)
+    # ... also under the deepspeed launcher, which puts --local_rank=N before the command.
+    shards = run(deepspeed_cmd(2, "--module", "introvae_dist.cli", "sample", str(weights), "--shards",
+                               str(tmp_path / "shards"), "-n", "13", "--batch", "4", "--seed", "5",
+                               "--samples-per-shard", "5"), env=ONE_THREAD)
     assert shards.returncode == 0, tail(shards)
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert [s["num_samples"] for s in manifest["shards"]] == [5, 5, 3] and manifest["resolution_px"] == 16
@@ -326,6 +335,15 @@ def _eval_args(source: Path, tiny_shards: Path, heldout: Path, inception_file: P
             "--cache", out.parent / "cache", "--out", out, "--num-images", EVAL["num_images"],
             "--ms-ssim-pairs", EVAL["ms_ssim_pairs"], "--num-real", EVAL["num_real"],
             "--num-heldout", EVAL["num_heldout"], "--batch", EVAL["batch"]]
+
+
+@pytest.mark.slow
+def test_training_with_eval_but_no_inception_file_stops_before_the_engines(tiny_shards: Path, tmp_path: Path) -> None:
+    proc = run([sys.executable, "launchers/train.py", "--config", "configs/cpu_synthetic.yaml", f"data.shards={tiny_shards}",
+                f"run.root={tmp_path}", *TINY_RUN, "eval.every_steps=2"], env={"INTROVAE_DIST_INCEPTION": ""})
+    assert proc.returncode == 2, tail(proc)
+    assert "error: eval: FID needs the Inception weights" in proc.stderr and FID_INCEPTION_URL in proc.stderr
+    assert not list(tmp_path.rglob("step_*"))
 
 
 @pytest.mark.slow
