@@ -552,12 +552,12 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                                       heldout=args.heldout, **settings)
     out = args.out or (source.run_dir or source.path.parent) / evaluation.EVAL_LOG_NAME
     _check_output_file(out, "--out")
-    try:  # before hours of work, not after
+    features = evaluation.load_inception(args.inception, "cpu") if "fid" in plan.metrics else None
+    try:  # the last check, before hours of work rather than after them
         out.parent.mkdir(parents=True, exist_ok=True)
         out.open("a").close()
     except OSError as exc:
         raise ShardInputError(f"{out}: cannot append the results there ({exc.strerror or exc})") from None
-    features = evaluation.load_inception(args.inception, "cpu") if "fid" in plan.metrics else None
     workers = Workers.from_env(args.device)
     try:
         if features is not None:

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from introvae_dist.data.image_inputs import check_stored_size
 from introvae_dist.data.loader import read_image_range
-from introvae_dist.data.shard_set import DataError, ShardSet, resolve_shard_set, with_sample_counts
+from introvae_dist.data.shard_set import DataError, ShardSet, resolve_shard_set, verify_shards, with_sample_counts
 from introvae_dist.data.tar_reader import ReadStats
 from introvae_dist.files import sha256_of_file
 from introvae_dist.inference import decode, generated_batches, latents, module_dtype, to_uint8
@@ -169,11 +169,17 @@ def plan_evaluation(metrics: tuple[str, ...] | list[str], resolution_px: int, *,
 
 
 def _shard_set(spec: str | None, resolution_px: int) -> ShardSet:
+    """The shard set, its counts, and a size check against its manifest (a stat per shard: the
+    cache key trusts the manifest's sha256s, and a truncated shard is the common damage)."""
     try:
         shard_set = with_sample_counts(resolve_shard_set(str(spec)))
         check_stored_size(shard_set, resolution_px)
     except DataError as e:
         raise EvaluationInputError(str(e)) from None
+    problems = verify_shards(list(shard_set.shards), "size")
+    if problems:
+        raise EvaluationInputError(f"{shard_set.manifest_path or spec}: shards do not match the manifest: "
+                                   + "; ".join(problems[:3]))
     return shard_set
 
 
@@ -231,7 +237,7 @@ def _sample_figures(generator: nn.Module, plan: EvalPlan, workers: Workers, feat
     figures: dict[str, Any] = {}
     if stats is not None:
         generated = FeatureStats.from_flat(workers.sum(stats.to_flat()), stats.dim)
-        real, real_info = real_statistics(plan, workers, features, pad_forwards, bar)  # type: ignore[arg-type]
+        real, real_info = real_statistics(plan, workers, features, bar)  # type: ignore[arg-type]
         if workers.is_main:
             figures["fid"] = frechet_distance(*generated.mean_cov(), *real)
         figures.update(fid_num_generated=generated.count, feature_network=features.id, **real_info)  # type: ignore[union-attr]
@@ -285,7 +291,7 @@ def _reconstruct_from_mu(encoder: nn.Module, generator: nn.Module, x: torch.Tens
 
 # --- real statistics and their cache -------------------------------------------------------
 
-def real_statistics(plan: EvalPlan, workers: Workers, features: FeatureNetwork, pad_forwards: bool = False,
+def real_statistics(plan: EvalPlan, workers: Workers, features: FeatureNetwork,
                     bar: Callable[..., Any] | None = None) -> tuple[tuple[np.ndarray, np.ndarray] | None, dict[str, Any]]:
     """Mean and covariance of the real set's features (on rank 0; None elsewhere), from the
     cache when it holds them, else computed over all ranks and cached by rank 0."""

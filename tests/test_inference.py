@@ -250,6 +250,16 @@ def test_shards_of_another_resolution_than_the_checkpoint_are_named(
         assert f"{small / 'manifest.json'}: images are stored at 8 px, but the model generates 16 px" in err, err
 
 
+def test_truncated_shards_are_named(weights: Path, heldout: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    damaged = shutil.copytree(heldout, tmp_path / "damaged")
+    shard = sorted(damaged.glob("*.tar"))[1]
+    shard.write_bytes(shard.read_bytes()[:2048])
+    err = _bad_input(capsys, "evaluate", weights, "--metrics", "rmse", "--heldout", damaged)
+    assert f"{damaged / 'manifest.json'}: shards do not match the manifest: {shard}: 2048 bytes" in err, err
+
+
 def test_evaluate_without_the_inception_file_fails_at_once_saying_where_to_get_it(
     weights: Path, tiny_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
