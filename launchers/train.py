@@ -22,7 +22,7 @@ from introvae_dist.data.shard_set import DataError  # noqa: E402
 from introvae_dist.distributed import world_from_env  # noqa: E402
 from introvae_dist.data.loader import describe_epoch  # noqa: E402
 from introvae_dist.checkpoint import CheckpointError  # noqa: E402
-from introvae_dist.stop_signals import EXIT_SAVED_ON_SIGNAL  # noqa: E402
+from introvae_dist.stop_signals import EXIT_SAVED_ON_SIGNAL, StopSignals  # noqa: E402
 from introvae_dist.trainer import EXIT_NON_FINITE, NonFiniteLoss, plan_run, stream_spec  # noqa: E402
 
 #: Exit status (also in README): 0 done; 2 bad input, found before training; 3 a loss became
@@ -60,8 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     from introvae_dist.trainer import Trainer  # imports DeepSpeed
 
     try:
-        trainer = Trainer(cfg, world, plan)
-        stopped_by = trainer.train()
+        # From here on a stop signal is recorded, not fatal: one during start-up (engines,
+        # checksums) stops the run after its first step, with a complete checkpoint.
+        with StopSignals():
+            trainer = Trainer(cfg, world, plan)
+            stopped_by = trainer.train()
     except (DataError, CheckpointError, ConfigError) as e:  # shards or checkpoints failing their checksums
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

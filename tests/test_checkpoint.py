@@ -112,3 +112,21 @@ def test_run_folder_lock_refuses_a_second_job_and_names_the_first(tmp_path: Path
         lock_run_dir(tmp_path / "run")
     first.close()  # the job ended: the folder is free again
     lock_run_dir(tmp_path / "run").close()
+
+
+def test_stop_signal_during_start_up_is_kept_for_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launcher's outer StopSignals records a notice that arrives before the loop starts;
+    the trainer's inner one sees it. Leaving the outer one restores the previous handlers."""
+    import os
+    import signal
+
+    from introvae_dist import stop_signals
+
+    monkeypatch.setattr(stop_signals, "_received", None)
+    before = signal.getsignal(signal.SIGUSR1)
+    with stop_signals.StopSignals():
+        os.kill(os.getpid(), signal.SIGUSR1)  # while the engines would be starting
+        with stop_signals.StopSignals() as inner:
+            assert inner.received == "SIGUSR1"
+        assert signal.getsignal(signal.SIGUSR1) is stop_signals._record  # the outer one still holds
+    assert signal.getsignal(signal.SIGUSR1) is before
