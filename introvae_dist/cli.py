@@ -421,25 +421,38 @@ def _add_reconstruct_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_reconstruct(args: argparse.Namespace) -> int:
-    from introvae_dist.data.image_inputs import read_image_inputs
-    from introvae_dist.distributed import world_from_env
     from introvae_dist.images import save_grid
-    from introvae_dist.inference import find_source, load_models, reconstruct
+    from introvae_dist.inference import reconstruct
 
-    if not world_from_env().is_main:
+    if not _is_main_rank():
         return EXIT_OK
-    _check_output_file(args.out, "--out")
-    source = find_source(args.source)
-    images, _ = read_image_inputs(args.inputs, source.model.resolution_px, args.num_images)
-    device = _device(args.device)
-    models = load_models(source, device)
+    models, images, _, device = _models_and_images(args, args.num_images)
     rec = reconstruct(models, images, device, args.batch, stochastic=args.stochastic, seed=args.seed)
     pairs = _interleave(images, rec)
     k = 2 * args.pairs_per_row
     save_grid([pairs[i:i + k] for i in range(0, pairs.shape[0], k)], args.out)
     how = f"stochastic, seed {args.seed}" if args.stochastic else "from mu"
-    print(f"{args.out}: {images.shape[0]} input | reconstruction ({how}) pairs from {source.describe()}")
+    print(f"{args.out}: {images.shape[0]} input | reconstruction ({how}) pairs from {models.source.describe()}")
     return EXIT_OK
+
+
+def _is_main_rank() -> bool:
+    """reconstruct and interpolate run in one process: under a launcher only rank 0 works."""
+    from introvae_dist.distributed import world_from_env
+
+    return world_from_env().is_main
+
+
+def _models_and_images(args: argparse.Namespace, limit: int | None):  # -> (Models, images, labels, device)
+    """Check --out, read SOURCE's model config, the input images at its side, then the weights."""
+    from introvae_dist.data.image_inputs import read_image_inputs
+    from introvae_dist.inference import find_source, load_models
+
+    _check_output_file(args.out, "--out")
+    source = find_source(args.source)
+    images, labels = read_image_inputs(args.inputs, source.model.resolution_px, limit)
+    device = args.device or _default_device()
+    return load_models(source, device), images, labels, device
 
 
 def _interleave(a: "torch.Tensor", b: "torch.Tensor") -> "torch.Tensor":  # noqa: F821 (torch imported lazily)
@@ -468,31 +481,26 @@ def _add_interpolate_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_interpolate(args: argparse.Namespace) -> int:
-    from introvae_dist.data.image_inputs import ImageInputError, read_image_inputs
-    from introvae_dist.distributed import world_from_env
+    from introvae_dist.data.image_inputs import ImageInputError
     from introvae_dist.images import save_grid
-    from introvae_dist.inference import find_source, interpolation_strips, load_models
+    from introvae_dist.inference import interpolation_strips
 
-    if not world_from_env().is_main:
+    if not _is_main_rank():
         return EXIT_OK
-    _check_output_file(args.out, "--out")
-    source = find_source(args.source)
-    images, labels = read_image_inputs(args.inputs, source.model.resolution_px)
+    models, images, labels, device = _models_and_images(args, None)
     if images.shape[0] < 2:
         raise ImageInputError(f"interpolate needs two or more images, got {images.shape[0]} ({', '.join(labels)})")
-    device = _device(args.device)
-    models = load_models(source, device)
     strips = interpolation_strips(models, images, args.steps, args.mode, device, args.batch)
     save_grid(strips, args.out)
     print(f"{args.out}: {len(strips)} strip(s) of {args.steps} {args.mode} steps between {images.shape[0]} images "
-          f"from {source.describe()}")
+          f"from {models.source.describe()}")
     return EXIT_OK
 
 
-def _device(requested: str | None) -> str:
+def _default_device() -> str:
     import torch
 
-    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _add_evaluate_command(commands: argparse._SubParsersAction) -> None:
