@@ -25,7 +25,6 @@ from introvae_dist.config import ConfigError
 from introvae_dist.files import write_text_atomic
 
 METRICS_NAME = "metrics.jsonl"
-DISCARDED_METRICS_NAME = "metrics.discarded.jsonl"
 
 
 @dataclass(frozen=True)
@@ -156,11 +155,11 @@ def lock_run_dir(run_dir: Path) -> IO[str]:
     return handle
 
 
-def trim_metrics(run_dir: Path, step: int) -> int:
-    """Keep the per-step log up to ``step`` (the resumed one) so it has no gap and no repeated
-    step; the records after it (from steps that are redone) move to metrics.discarded.jsonl.
-    Returns how many were moved."""
-    path = run_dir / METRICS_NAME
+def trim_metrics(run_dir: Path, step: int, name: str = METRICS_NAME) -> int:
+    """Keep a per-step JSONL log (metrics.jsonl, eval.jsonl) up to ``step`` (the resumed one) so
+    it has no gap and no repeated step; the records after it (from steps that are redone) move
+    to NAME.discarded.jsonl. Returns how many were moved."""
+    path = run_dir / name
     if not path.is_file():
         return 0
     kept, moved = [], []
@@ -171,7 +170,7 @@ def trim_metrics(run_dir: Path, step: int) -> int:
             later = True  # a line cut off by the kill
         (moved if later else kept).append(line)
     if moved:
-        with (run_dir / DISCARDED_METRICS_NAME).open("a") as f:
+        with (run_dir / name.replace(".jsonl", ".discarded.jsonl")).open("a") as f:
             f.write("\n".join(moved) + "\n")
         write_text_atomic(path, "".join(line + "\n" for line in kept))
     return len(moved)

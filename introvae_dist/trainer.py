@@ -277,9 +277,11 @@ class Trainer:
             print(f"resuming from {self.resumed_from} (step {self.step}, {self.images_seen} images seen)", flush=True)
             for line in self.plan.resume.accepted_changes:
                 print(f"config change accepted on resume: {line}", flush=True)
-        moved = trim_metrics(self.run_dir, self.step)
-        if moved:
-            print(f"moved {moved} metrics records of steps after {self.step} to metrics.discarded.jsonl", flush=True)
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            moved = trim_metrics(self.run_dir, self.step, name)
+            if moved:
+                print(f"moved {moved} records of steps after {self.step} from {name} to "
+                      f"{name.replace('.jsonl', '.discarded.jsonl')}", flush=True)
         write_text_atomic(self.run_dir / "config.yaml", dump_config(self.cfg))
 
     def _convert_to_universal(self, saved_world_size: int) -> None:
