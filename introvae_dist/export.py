@@ -28,9 +28,22 @@ from typing import Any
 
 import torch
 
-from introvae_dist.checkpoint import MANIFEST_NAME, CheckpointError, check_files, read_manifest
+from introvae_dist.checkpoint import (
+    MANIFEST_NAME,
+    CheckpointError,
+    check_files,
+    read_manifest,
+)
+from introvae_dist.state_dict_check import state_dict_problems
 from introvae_dist.weights import (
-    FORMAT, META_FORMAT, META_IMAGES_SEEN, META_MODEL, META_STEP, PREFIXES, ExportedModelConfig, build_models,
+    FORMAT,
+    META_FORMAT,
+    META_IMAGES_SEEN,
+    META_MODEL,
+    META_STEP,
+    PREFIXES,
+    ExportedModelConfig,
+    build_models,
 )
 
 #: The DeepSpeed checkpoint tag the trainer saves under (``encoder/ds/``, ``generator/ds/``).
@@ -243,12 +256,7 @@ def _expected_shapes(model: ExportedModelConfig) -> list[dict[str, tuple[int, ..
 
 
 def _check_fits(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: Path, net: str) -> None:
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(f"{name} {tuple(state[name].shape)} != {shape}" for name, shape in expected.items()
-                   if name in state and tuple(state[name].shape) != shape)
-    problems = [f"{label}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
-                for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if names]
+    problems = state_dict_problems(expected, state)
     if problems:
         raise ExportError(f"{source}: the {net} weights do not fit the model in {TRAINER_STATE} "
                           f"({'; '.join(problems)})")

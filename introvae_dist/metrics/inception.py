@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from introvae_dist.files import sha256_of_file
+from introvae_dist.state_dict_check import state_dict_problems
 
 #: Where pytorch-fid publishes the standard weights (also re-hosted by torch-fidelity under
 #: the name weights-inception-2015-12-05-6726825d.pth).
@@ -243,12 +244,7 @@ def check_state_dict(network: nn.Module, state: dict[str, torch.Tensor], source:
     """Raise InceptionWeightsError unless ``state`` holds exactly the network's tensors with
     their shapes (BatchNorm's ``num_batches_tracked`` may be left out, as older files do)."""
     expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
-    missing = sorted(k for k in set(expected) - set(state) if not k.endswith("num_batches_tracked"))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(f"{k} {tuple(state[k].shape)} != {shape}" for k, shape in expected.items()
-                   if k in state and tuple(state[k].shape) != shape)
-    problems = [f"{label}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
-                for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if names]
+    problems = state_dict_problems(expected, state, lambda k: k.endswith("num_batches_tracked"))
     if problems:
         raise InceptionWeightsError(f"{source}: not the FID Inception-v3 weights ({'; '.join(problems)}); "
                                     + how_to_get_weights())
