@@ -46,10 +46,14 @@ def _check_run(run_dir: Path, steps: int, saves: list[int]) -> list[dict[str, ob
 def test_deepspeed_launcher_two_ranks_trains_and_saves(tiny_shards: Path, tmp_path: Path) -> None:
     args = _overrides(tiny_shards, tmp_path / "runs", 6, "train.sample_every_steps=3", "train.save_every_steps=3",
                       "encoder.zero_stage=2", "generator.zero_stage=3")
-    proc = run(deepspeed_cmd(2, "launchers/train.py", "--config", "configs/cpu_synthetic.yaml", *args))
+    cmd = deepspeed_cmd(2, "launchers/train.py", "--config", "configs/cpu_synthetic.yaml", *args)
+    proc = run(cmd)
     assert proc.returncode == 0, tail(proc)
     run_dir = _only_run(tmp_path / "runs")
     _check_run(run_dir, 6, saves=[3, 6])
+    # DeepSpeed's CPU all-reduce buffers (66 MB per rank in /dev/shm) must not outlive the run.
+    port = cmd[cmd.index("--master_port") + 1]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["step_00000003.png", "step_00000006.png"]
     state = json.loads((run_dir / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["images_seen"] == 24
