@@ -51,13 +51,13 @@ from introvae_dist.metrics.inception import FEATURE_DIM, InceptionWeightsError, 
 from introvae_dist.metrics.ms_ssim import PGGAN_WEIGHTS, ms_ssim
 from introvae_dist.metrics.pixels import mse_per_image, psnr_db
 from introvae_dist.rank_work import Workers
+from introvae_dist.resume import EVAL_LOG_NAME  # noqa: F401  (the run folder's eval log; re-exported)
 
 METRICS = ("fid", "ms_ssim", "rmse")
 #: Environment variables: the Inception weights file, and the cache folder of real statistics.
 INCEPTION_ENV = "INTROVAE_DIST_INCEPTION"
 CACHE_ENV = "INTROVAE_DIST_CACHE"
 STATS_FORMAT = "introvae-dist-fid-stats/1"
-EVAL_LOG_NAME = "eval.jsonl"
 MS_SSIM_LEVELS = len(PGGAN_WEIGHTS)
 
 

@@ -24,7 +24,10 @@ from introvae_dist.checkpoint import (
 from introvae_dist.config import ConfigError
 from introvae_dist.files import write_text_atomic
 
+#: The run folder's per-step logs; both are cut back to the resumed step on a resume.
 METRICS_NAME = "metrics.jsonl"
+EVAL_LOG_NAME = "eval.jsonl"
+STEP_LOGS = (METRICS_NAME, EVAL_LOG_NAME)
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,9 @@ from introvae_dist.models import Encoder, Generator
 from introvae_dist.rank_state import (
     capture_rngs, load_rank_state, module_buffers, restore_buffers, restore_rngs, save_rank_state,
 )
-from introvae_dist.resume import ResumePlan, check_config, lock_run_dir, plan_resume, trim_metrics
+from introvae_dist.resume import (
+    METRICS_NAME, STEP_LOGS, ResumePlan, check_config, lock_run_dir, plan_resume, trim_metrics,
+)
 from introvae_dist.run_log import RunLog
 from introvae_dist.stop_signals import StopSignals
 
@@ -277,7 +279,7 @@ class Trainer:
             print(f"resuming from {self.resumed_from} (step {self.step}, {self.images_seen} images seen)", flush=True)
             for line in self.plan.resume.accepted_changes:
                 print(f"config change accepted on resume: {line}", flush=True)
-        for name in ("metrics.jsonl", "eval.jsonl"):
+        for name in STEP_LOGS:
             moved = trim_metrics(self.run_dir, self.step, name)
             if moved:
                 print(f"moved {moved} records of steps after {self.step} from {name} to "
@@ -331,7 +333,7 @@ class Trainer:
         """Run until `train.total_steps` or a stop signal; returns the signal's name if one
         stopped the run (after a complete checkpoint), else None."""
         t = self.cfg.train
-        log = RunLog(self.run_dir / "metrics.jsonl", t.total_steps, self.step, self.world.is_main)
+        log = RunLog(self.run_dir / METRICS_NAME, t.total_steps, self.step, self.world.is_main)
         log.message(f"run folder: {self.run_dir}")
         log.message(describe_epoch(self.batches.spec, self.batches.epoch))
         if self.step >= t.total_steps:
