@@ -1,9 +1,11 @@
 """Algorithm 1 of IntroVAE as two phases: an encoder update, then a generator update.
 
-Each phase names the network it updates and the one it freezes (the StyleGAN3 pattern). The
-updated network is called through its engine, the frozen one through its bare module with
-`requires_grad_(False)`: the pattern that keeps two DeepSpeed engines apart under ZeRO 1-3
-(FIELD-NOTES, deepspeedai/DeepSpeed#4923).
+Each phase names the network it updates. The updated network is called through its engine;
+in the generator phase E is called through its bare module with `requires_grad_(False)`, the
+pattern that keeps two DeepSpeed engines apart under ZeRO 1-3 (FIELD-NOTES,
+deepspeedai/DeepSpeed#4923). G runs once per step (`decode`): its graph serves both phases,
+and the encoder phase takes L_AE's gradient at z with `torch.autograd.grad`, which computes no
+weight gradient of G, so neither engine's backward ever reaches the other's weights.
 
 Nothing here imports DeepSpeed: an engine is anything with `__call__`, `module`, `backward`
 and `step`, so the same code runs on DeepSpeed engines and in plain-PyTorch tests.
@@ -14,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
@@ -39,6 +41,10 @@ class Engine(Protocol):
     def backward(self, loss: torch.Tensor) -> object: ...
 
     def step(self) -> object: ...
+
+    def adopt_outputs(self, *outputs: torch.Tensor) -> None:
+        """Treat tensors computed by `module` as if `__call__` had returned them, before this
+        engine's backward (DeepSpeed attaches its backward hooks in `__call__`)."""
 
 
 @dataclass(frozen=True)
@@ -77,23 +83,6 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
             p.requires_grad_(flag)
 
 
-@contextmanager
-def norm_stats_unchanged(module: nn.Module) -> Iterator[None]:
-    """Keep `module`'s buffers (BatchNorm running statistics) as they are on entry.
-
-    The generator phase re-runs G on the same z and z_p as the encoder phase; G's statistics
-    have already seen that batch, so this keeps them to one update per step, as in the
-    authors' code, which runs G once.
-    """
-    saved = [(b, b.detach().clone()) for b in module.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, s in saved:
-                b.copy_(s)
-
-
 def _param_dtype(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
@@ -108,47 +97,78 @@ def _encode(net: Callable[[torch.Tensor], object], module: nn.Module, x: torch.T
     return mu, logvar
 
 
-def encoder_phase(
-    enc: Engine, gen: Engine, x: torch.Tensor, noise: StepNoise, w: LossWeights, on_gradients: GradientHook | None
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Algorithm 1, lines 3-10: update E with L_E of Eq. 11. Returns figures and z (detached)."""
-    with frozen(gen.module):
-        mu, logvar = _encode(enc, enc.module, x)
-        z = reparameterize(mu.float(), logvar.float(), noise.eps)
-        x_rec = _run(gen.module, gen.module, z)  # graph reaches E through z: beta * L_AE trains E
-        with torch.no_grad():
-            x_fake = _run(gen.module, gen.module, noise.z_prior)
-        l_ae = reconstruction_per_image(x_rec, x, w.l_ae_factor)  # type: ignore[arg-type]
-        kl_real = kl_per_image(mu, logvar)
-        kl_rec = kl_per_image(*_encode(enc, enc.module, x_rec.detach()))  # type: ignore[union-attr]  # ng(x_r)
-        kl_fake = kl_per_image(*_encode(enc, enc.module, x_fake))  # type: ignore[arg-type]  # ng(x_p)
-        loss = encoder_loss(kl_real, kl_rec, kl_fake, l_ae, w)
-        enc.backward(loss)
-        if on_gradients is not None:
-            on_gradients("encoder")
-        enc.step()
-    figures = {"loss_e": loss, "l_ae": l_ae.mean(), "kl_real": kl_real.mean(),
+@dataclass
+class Decoded:
+    """Algorithm 1, lines 3-6, shared by both phases: z from E(x), x_r = G(z), x_p = G(z_p).
+
+    G runs once per step. Its graph is built from `z_leaf`, a detached copy of z, and kept for
+    the generator phase: G's weights do not change during the encoder phase, so its graph
+    stays valid across E's optimiser step, and the generator phase reuses it instead of
+    decoding again. The encoder phase reaches E through z with `grad_z` instead.
+    """
+
+    mu: torch.Tensor
+    logvar: torch.Tensor
+    z: torch.Tensor  # carries E's graph
+    x_rec: torch.Tensor  # carries G's graph (from z_leaf)
+    x_fake: torch.Tensor  # carries G's graph
+    l_ae: torch.Tensor  # (B,), carries G's graph
+    #: d(beta * mean L_AE)/dz through G: L_AE's gradient for E (Eq. 11), without touching G's
+    #: gradients, so G's engine sees nothing of the encoder phase.
+    grad_z: torch.Tensor
+
+
+def decode(enc: Engine, gen: Engine, x: torch.Tensor, noise: StepNoise, w: LossWeights) -> Decoded:
+    """Encode x, decode z and z_p once, and take L_AE's gradient at z (data gradients of G only)."""
+    mu, logvar = _encode(enc, enc.module, x)
+    z = reparameterize(mu.float(), logvar.float(), noise.eps)
+    z_leaf = z.detach().requires_grad_(True)
+    # G through its bare module: its first backward is the data-only one below, which must not
+    # run G's engine hooks; generator_phase attaches them before G's own backward.
+    x_rec: torch.Tensor = _run(gen.module, gen.module, z_leaf)  # type: ignore[assignment]
+    x_fake: torch.Tensor = _run(gen.module, gen.module, noise.z_prior)  # type: ignore[assignment]
+    l_ae = reconstruction_per_image(x_rec, x, w.l_ae_factor)
+    # autograd.grad runs only the path to z_leaf: no weight gradients of G are computed and
+    # none of G's ZeRO gradient hooks fire. The graph is kept for the generator phase.
+    (grad_z,) = torch.autograd.grad(w.beta * l_ae.mean(), z_leaf, retain_graph=True)
+    return Decoded(mu, logvar, z, x_rec, x_fake, l_ae, grad_z)
+
+
+def _through_z(d: Decoded) -> torch.Tensor:
+    """A zero-valued term whose gradient for E is grad_z . dz/dtheta_E: beta * L_AE's share."""
+    inner = (d.z * d.grad_z).sum()
+    return inner - inner.detach()
+
+
+def encoder_phase(enc: Engine, d: Decoded, w: LossWeights, on_gradients: GradientHook | None
+                  ) -> dict[str, torch.Tensor]:
+    """Algorithm 1, lines 7-10: update E with L_E of Eq. 11 (gradients stopped at x_r, x_p)."""
+    kl_real = kl_per_image(d.mu, d.logvar)
+    kl_rec = kl_per_image(*_encode(enc, enc.module, d.x_rec.detach()))  # ng(x_r)
+    kl_fake = kl_per_image(*_encode(enc, enc.module, d.x_fake.detach()))  # ng(x_p)
+    loss = encoder_loss(kl_real, kl_rec, kl_fake, d.l_ae.detach(), w)
+    enc.backward(loss + _through_z(d))
+    if on_gradients is not None:
+        on_gradients("encoder")
+    enc.step()
+    figures = {"loss_e": loss, "l_ae": d.l_ae.mean(), "kl_real": kl_real.mean(),
                "kl_rec_e": kl_rec.mean(), "kl_fake_e": kl_fake.mean()}
-    return {k: v.detach() for k, v in figures.items()}, z.detach()
+    return {k: v.detach() for k, v in figures.items()}
 
 
 def generator_phase(
-    enc: Engine, gen: Engine, x: torch.Tensor, z: torch.Tensor, noise: StepNoise, w: LossWeights,
-    on_gradients: GradientHook | None,
+    enc: Engine, gen: Engine, d: Decoded, w: LossWeights, on_gradients: GradientHook | None
 ) -> dict[str, torch.Tensor]:
     """Algorithm 1, lines 11-13: re-encode x_r and x_p with the updated E, update G with L_G.
 
-    x_r and x_p are decoded again from the same z and z_p, because the encoder phase's graph
-    must not be reused across E's optimiser step (FIELD-NOTES); beta * L_AE therefore enters
-    L_G explicitly instead of through leftover gradients as in the authors' code.
+    E is called through its bare module with its weights frozen (FIELD-NOTES: the frozen
+    engine stays out of the backward), so only data gradients pass through it into G's graph.
     """
-    with frozen(enc.module), norm_stats_unchanged(gen.module):
-        x_rec = _run(gen, gen.module, z)
-        x_fake = _run(gen, gen.module, noise.z_prior)
-        l_ae = reconstruction_per_image(x_rec, x, w.l_ae_factor)  # type: ignore[arg-type]
-        kl_rec = kl_per_image(*_encode(enc.module, enc.module, x_rec))  # type: ignore[arg-type]
-        kl_fake = kl_per_image(*_encode(enc.module, enc.module, x_fake))  # type: ignore[arg-type]
-        loss = generator_loss(kl_rec, kl_fake, l_ae, w)
+    gen.adopt_outputs(d.x_rec, d.x_fake)
+    with frozen(enc.module):
+        kl_rec = kl_per_image(*_encode(enc.module, enc.module, d.x_rec))
+        kl_fake = kl_per_image(*_encode(enc.module, enc.module, d.x_fake))
+        loss = generator_loss(kl_rec, kl_fake, d.l_ae, w)
         gen.backward(loss)
         if on_gradients is not None:
             on_gradients("generator")
@@ -156,15 +176,69 @@ def generator_phase(
     return {"loss_g": loss.detach(), "kl_rec_g": kl_rec.mean().detach(), "kl_fake_g": kl_fake.mean().detach()}
 
 
+def shared_encoder_phases(
+    enc: Engine, gen: Engine, d: Decoded, w: LossWeights, on_gradients: GradientHook | None
+) -> dict[str, torch.Tensor]:
+    """The fast path: one encoder pass over x_r and x_p serves L_E (Eq. 11) and L_G (Eq. 12).
+
+    Appendix C says other orders of the two updates also train; this is the one that shares
+    the re-encoding. The pass runs with E's weights as they were before E's step, so G's
+    gradient is taken with E_t where Algorithm 1 uses E_{t+1}; everything else is Algorithm 1.
+    It saves the generator phase's second encoder forward over x_r and x_p.
+
+    One forward of E on leaf copies of x_r and x_p: first the data gradients of alpha * L_G's
+    KL terms at x_r and x_p (autograd.grad: E's weight gradients and hooks untouched), then
+    E's own backward of L_E and its step, then G's backward through the kept graph of decode().
+    """
+    kl_real = kl_per_image(d.mu, d.logvar)
+    x_rec = d.x_rec.detach().requires_grad_(True)
+    x_fake = d.x_fake.detach().requires_grad_(True)
+    # Through E's bare module, as decode() runs G: the data-only autograd.grad below must not
+    # run E's engine hooks; they are attached afterwards for E's own backward.
+    encoded_rec, encoded_fake = _encode(enc.module, enc.module, x_rec), _encode(enc.module, enc.module, x_fake)
+    kl_rec, kl_fake = kl_per_image(*encoded_rec), kl_per_image(*encoded_fake)
+    grad_rec, grad_fake = torch.autograd.grad((w.alpha * (kl_rec + kl_fake)).mean(), (x_rec, x_fake),
+                                              retain_graph=True)
+    enc.adopt_outputs(*encoded_rec, *encoded_fake)
+    loss_e = encoder_loss(kl_real, kl_rec, kl_fake, d.l_ae.detach(), w)
+    enc.backward(loss_e + _through_z(d))
+    if on_gradients is not None:
+        on_gradients("encoder")
+    enc.step()
+    loss_g = generator_loss(kl_rec.detach(), kl_fake.detach(), d.l_ae, w)
+    gen.adopt_outputs(d.x_rec, d.x_fake)
+    through_e = (d.x_rec.float() * grad_rec.float()).sum() + (d.x_fake.float() * grad_fake.float()).sum()
+    gen.backward(loss_g + through_e - through_e.detach())
+    if on_gradients is not None:
+        on_gradients("generator")
+    gen.step()
+    figures = {"loss_e": loss_e, "l_ae": d.l_ae.mean(), "kl_real": kl_real.mean(),
+               "kl_rec_e": kl_rec.mean(), "kl_fake_e": kl_fake.mean(), "loss_g": loss_g,
+               "kl_rec_g": kl_rec.mean(), "kl_fake_g": kl_fake.mean()}
+    return {k: v.detach() for k, v in figures.items()}
+
+
+#: "algorithm1": the paper's order (default). "shared_encoder": the fast path of
+#: `shared_encoder_phases`, documented in docs/BENCHMARKS.md with its measured speedup.
+StepOrder = Literal["algorithm1", "shared_encoder"]
+STEP_ORDERS: tuple[str, ...] = ("algorithm1", "shared_encoder")
+
+
 def train_step(
     enc: Engine, gen: Engine, x: torch.Tensor, noise: StepNoise, w: LossWeights,
-    on_gradients: GradientHook | None = None,
+    on_gradients: GradientHook | None = None, order: StepOrder = "algorithm1",
 ) -> dict[str, torch.Tensor]:
     """One iteration of Algorithm 1: the encoder phase, then the generator phase.
 
     During the VAE warm-up the caller passes alpha = 0, which reduces Eq. 11-12 to a VAE.
+    `order="shared_encoder"` takes the fast path (see `shared_encoder_phases`).
     Returns the figures named in METRIC_NAMES as 0-dim tensors.
     """
-    figures, z = encoder_phase(enc, gen, x, noise, w, on_gradients)
-    figures.update(generator_phase(enc, gen, x, z, noise, w, on_gradients))
+    d = decode(enc, gen, x, noise, w)
+    if order == "shared_encoder":
+        return shared_encoder_phases(enc, gen, d, w, on_gradients)
+    if order != "algorithm1":
+        raise ValueError(f"order={order!r}: expected one of {STEP_ORDERS}")
+    figures = encoder_phase(enc, d, w, on_gradients)
+    figures.update(generator_phase(enc, gen, d, w, on_gradients))
     return figures

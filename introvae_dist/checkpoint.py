@@ -210,6 +210,8 @@ def delete_checkpoint(folder: Path) -> None:
 #: that changes one is refused. Everything else (learning rates, intervals, logging, data,
 #: loss weights, length) is accepted and logged.
 NETWORK_KEYS = ("model.", "encoder.zero_stage", "encoder.precision", "generator.zero_stage", "generator.precision")
+#: Under NETWORK_KEYS, but only choose what the backward recomputes: the weights are the same.
+RECOMPUTE_KEYS = ("model.checkpoint_blocks", "model.checkpoint_min_side_px")
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -237,5 +239,5 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> ConfigChan
         if old.get(key, "<absent>") == new.get(key, "<absent>"):
             continue
         line = f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}"
-        (refused if key.startswith(NETWORK_KEYS) else accepted).append(line)
+        (refused if key.startswith(NETWORK_KEYS) and key not in RECOMPUTE_KEYS else accepted).append(line)
     return ConfigChanges(refused, accepted)

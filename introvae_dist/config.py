@@ -35,6 +35,11 @@ class ModelConfig:
     norm: Literal["batch", "group", "none"] = "batch"
     #: Recompute activations inside residual blocks in the backward pass.
     checkpoint_blocks: bool = True
+    #: ... only in blocks that run at a side of at least this many pixels (0: every block). The
+    #: high-resolution blocks hold most of the activations and cost no more FLOPs than the
+    #: others, so a threshold keeps most of the memory saving for a part of the recomputation
+    #: (docs/BENCHMARKS.md, memory at 1024).
+    checkpoint_min_side_px: int = 0
 
     def resolved_widths(self) -> tuple[int, ...]:
         return tuple(self.widths) if self.widths is not None else table3_widths(self.resolution_px)
@@ -52,6 +57,8 @@ class ModelConfig:
                 f"resolution_px={self.resolution_px}"
             )
         _positive("model.latent_dim", self.latent_dim)
+        if self.checkpoint_min_side_px < 0:
+            raise ConfigError(f"model.checkpoint_min_side_px={self.checkpoint_min_side_px}: expected >= 0 (0: every block)")
 
 
 @dataclass
@@ -82,6 +89,9 @@ class EngineConfig:
     lr: float = 2e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
+    #: torch's fused Adam kernel: one pass over the fp32 master weights instead of several
+    #: (docs/BENCHMARKS.md, issue 7). Same update, same state.
+    fused_adam: bool = True
 
     def validate(self, section: str) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -141,6 +151,13 @@ class TrainConfig:
     keep_every_steps: int = 0
     #: Images per row kind (real | reconstruction | sample) in a sample grid.
     grid_images: int = 8
+    #: "algorithm1": the paper's Algorithm 1. "shared_encoder": the fast path, one encoder
+    #: pass over x_r and x_p for both updates, G's gradient with E before its step
+    #: (Appendix C; introvae_dist.algorithm.shared_encoder_phases, docs/BENCHMARKS.md).
+    step_order: Literal["algorithm1", "shared_encoder"] = "algorithm1"
+    #: Activations and weights in channels-last (NHWC) memory layout: faster convolutions in
+    #: oneDNN and cuDNN (docs/BENCHMARKS.md). Same results up to summation order.
+    channels_last: bool = True
 
     def validate(self) -> None:
         for name in ("batch_global", "total_steps", "log_every_steps", "sample_every_steps",

@@ -27,6 +27,7 @@ logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 import deepspeed  # noqa: E402  (after the logger level, which its import reads)
 from deepspeed.runtime.engine import DeepSpeedEngine  # noqa: E402
+from deepspeed.runtime.utils import register_output_backward_hooks  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 
 
@@ -74,12 +75,34 @@ def deepspeed_config(cfg: EngineConfig, batch_per_rank: int, world_size: int,
 
 def build_engine(module: nn.Module, cfg: EngineConfig, batch_per_rank: int, world_size: int,
                  load_universal: bool = False) -> DeepSpeedEngine:
-    """Wrap `module` and an Adam optimiser (Sec. 4.1: lr 2e-4, betas 0.9/0.999) in an engine."""
-    optimizer = torch.optim.Adam(module.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps)
+    """Wrap `module` and an Adam optimiser (Sec. 4.1: lr 2e-4, betas 0.9/0.999) in an engine.
+
+    Under bf16 and ZeRO, DeepSpeed keeps fp32 master weights and calls this optimiser on them,
+    so `fused_adam` makes that update one fused kernel per flat fp32 partition.
+    """
+    optimizer = torch.optim.Adam(module.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
+                                 fused=cfg.fused_adam or None)
     engine, *_ = deepspeed.initialize(
         model=module, optimizer=optimizer, config=deepspeed_config(cfg, batch_per_rank, world_size, load_universal)
     )
+    engine.adopt_outputs = lambda *outputs: _adopt_outputs(engine, outputs)  # algorithm.Engine
     return engine
+
+
+def _adopt_outputs(engine: DeepSpeedEngine, outputs: tuple[torch.Tensor, ...]) -> None:
+    """Attach to `outputs`, computed by `engine.module` rather than `engine(...)`, the backward
+    hooks that DeepSpeed's forward attaches to its outputs (deepspeed 0.19.8, engine.forward):
+    they run the engine's backward prologue (ZeRO's backward state, the gradient-accumulation
+    boundary) when `engine.backward` first reaches them.
+
+    Needed because G's single forward per step serves two backward passes
+    (`algorithm.decode`): a data-only `torch.autograd.grad` for E's phase, then G's own
+    backward. Through `engine(...)` the first would already run the prologue and queue the
+    gradient reduction, which fails on an empty bucket (FIELD-NOTES: IndexError in
+    reduce_ipg_grads) and leaves nothing for the second.
+    """
+    register_output_backward_hooks(outputs, preprocess_once_fn=engine._backward_prologue,
+                                   preprocess_per_tensor_fn=engine._backward_prologue_per_tensor)
 
 
 def load_engine(engine: DeepSpeedEngine, folder: Path, tag: str, cfg: EngineConfig) -> None:
@@ -96,7 +119,13 @@ def load_engine(engine: DeepSpeedEngine, folder: Path, tag: str, cfg: EngineConf
         groups.append(inner.param_groups)
     for param_groups in groups:
         for group in param_groups:
-            group.update(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps)
+            # The saved groups carry the saving run's kernel choice too; this run's config wins.
+            group.update(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps, fused=cfg.fused_adam or None)
+    if cfg.fused_adam:  # the fused kernel wants each step count beside its moments (a state
+        # saved by the unfused kernel keeps it on the CPU)
+        for state in (inner if inner is not None else engine.optimizer).state.values():
+            if torch.is_tensor(state.get("step")) and torch.is_tensor(state.get("exp_avg")):
+                state["step"] = state["step"].to(device=state["exp_avg"].device, dtype=torch.float32)
 
 
 def convert_to_universal(folder: Path, tag: str, out_folder: Path) -> None:

@@ -42,7 +42,7 @@ from introvae_dist.distributed import World, cpu_threads_per_rank
 from introvae_dist.files import write_text_atomic
 from introvae_dist.images import save_grid
 from introvae_dist.losses import LossWeights
-from introvae_dist.models import Encoder, Generator
+from introvae_dist.models import Encoder, Generator, set_checkpointing
 from introvae_dist.rank_state import (
     capture_rngs, load_rank_state, module_buffers, restore_buffers, restore_rngs, save_rank_state,
 )
@@ -237,6 +237,13 @@ class Trainer:
         m = cfg.model
         encoder = Encoder(m.resolution_px, m.latent_dim, plan.widths, m.norm, m.checkpoint_blocks)
         generator = Generator(m.resolution_px, m.latent_dim, plan.widths, m.norm, m.checkpoint_blocks)
+        set_checkpointing(encoder, m.checkpoint_blocks, m.checkpoint_min_side_px)
+        set_checkpointing(generator, m.checkpoint_blocks, m.checkpoint_min_side_px)
+        # Channels-last activations, not weights: DeepSpeed's flat weight buffers are NCHW (and
+        # its initial broadcast refuses channels-last parameters); oneDNN and cuDNN then run
+        # the convolutions in the input's layout.
+        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        generator.activation_memory_format = self.memory_format
         universal = saved is not None and saved["world_size"] != world.world_size
         if universal:
             self._convert_to_universal(saved["world_size"])
@@ -353,9 +360,10 @@ class Trainer:
     def _one_step(self, log: RunLog) -> str | None:
         t = self.cfg.train
         x = to_unit_float(next(self.batches).to(self.device, non_blocking=True))  # (B, 3, R, R)
+        x = x.contiguous(memory_format=self.memory_format)
         warmup = self.images_seen < self.cfg.loss.warmup_images
         noise = StepNoise.sample(x.shape[0], self.cfg.model.latent_dim, self.noise_rng, self.device)
-        figures = train_step(self.enc, self.gen, x, noise, self._loss_weights(warmup))
+        figures = train_step(self.enc, self.gen, x, noise, self._loss_weights(warmup), order=t.step_order)
         self.step += 1
         self.images_seen += t.batch_global
         # Rank 0's clock decides time-based saves, so all ranks agree on them.

@@ -86,6 +86,17 @@ def test_config_changes_split_into_refused_and_accepted() -> None:
     assert changes.accepted == ["encoder.lr: 0.0002 -> 0.0001", "train.log_every_steps: 10 -> 5"]
 
 
+def test_recomputation_and_speed_switches_may_change_on_resume() -> None:
+    # They choose what the backward recomputes and how fast it runs, not what the weights are.
+    old = config_to_dict(load_config(None))
+    new = config_to_dict(load_config(None, ["model.checkpoint_blocks=false", "model.checkpoint_min_side_px=256",
+                                            "train.channels_last=false", "train.step_order=shared_encoder",
+                                            "encoder.fused_adam=false"]))
+    changes = config_changes(old, new)
+    assert changes.refused == []
+    assert len(changes.accepted) == 5
+
+
 def test_plan_resume_refuses_network_changes_and_names_keys(tmp_path: Path) -> None:
     _fake_checkpoint(tmp_path, 5)
     cfg = config_to_dict(load_config(None, ["model.latent_dim=64"]))

@@ -84,6 +84,14 @@ def test_plain_python_one_process_trains(tiny_shards: Path, tmp_path: Path) -> N
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")} == before
 
 
+def test_shared_encoder_fast_path_trains_with_finite_losses(tiny_shards: Path, tmp_path: Path) -> None:
+    proc = run([sys.executable, "launchers/train.py", "--config", "configs/cpu_synthetic.yaml",
+                *_overrides(tiny_shards, tmp_path / "runs", 3, "train.step_order=shared_encoder",
+                            "model.checkpoint_min_side_px=8")])
+    assert proc.returncode == 0, tail(proc)
+    _check_run(_only_run(tmp_path / "runs"), 3, saves=[3])
+
+
 def test_dry_run_prints_the_resolved_config_and_starts_nothing(tiny_shards: Path, tmp_path: Path) -> None:
     proc = run([sys.executable, "launchers/train.py", "--config", "configs/cpu_synthetic.yaml", "--dry-run",
                 *_overrides(tiny_shards, tmp_path / "runs", 5, "encoder.lr=1e-4")])
@@ -112,6 +120,8 @@ def test_non_finite_loss_stops_with_step_and_terms_and_saves_nothing(tiny_shards
         ("train.batch_global=abc", "train.batch_global='abc': expected int"),
         ("data.num_workers=8", "4 shard(s) for 1 rank(s) x 8 loader worker(s) = 8 streams"),
         ("data.mode=sequential", "data.mode='sequential'"),
+        ("train.step_order=fastest", "train.step_order='fastest'"),
+        ("model.checkpoint_min_side_px=-1", "model.checkpoint_min_side_px=-1: expected >= 0"),
     ],
 )
 def test_bad_input_fails_before_any_engine_starts(

@@ -1,8 +1,10 @@
 """Worker for tests/test_distributed.py, started by the real deepspeed launcher (2 ranks, gloo).
 
-For ZeRO 1, 2 and 3 in fp32, runs one `train_step` over two DeepSpeed engines with each rank
-holding half of a global batch, and compares the gathered gradients of the encoder step and
-of the generator step with a plain single-process PyTorch Algorithm 1 on the whole batch.
+For ZeRO 1, 2 and 3 in fp32, and for both step orders (Algorithm 1 and the shared-encoder
+fast path), runs one `train_step` over two DeepSpeed engines with each rank holding half of a
+global batch, and compares the gathered gradients of the encoder step and of the generator
+step with a plain single-process PyTorch version of the same order on the whole batch. It
+also counts which network's weight gradients each phase computed.
 GroupNorm is used because its output does not depend on how the batch is split over ranks.
 Rank 0 writes the comparison as JSON to the path given as the last argument.
 """
@@ -68,16 +70,45 @@ def max_rel_err(got: list[torch.Tensor | None], want: list[torch.Tensor]) -> flo
     return worst
 
 
-def holds_gradient(module: torch.nn.Module) -> bool:
-    """True if any parameter of the frozen `module` received a gradient in this phase.
+class GradientCalls:
+    """Counts, per network, how often autograd computed a gradient for one of its weights.
 
-    Autograd writes a parameter's gradient into `p.grad` before ZeRO reduces and moves it, so
-    a frozen network that took part in the backward would show here. (Gathering the frozen
-    engine's ZeRO partitions is not possible: DeepSpeed has none pending outside its own
-    backward-to-step window.) A leak into the other engine's buffers would also show in that
-    engine's next gradient, which is compared with the reference.
+    A tensor hook on every parameter fires whenever a backward computes that parameter's
+    gradient, before ZeRO's own hooks reduce and move it, so a network that took part in the
+    other network's backward shows here, whatever the ZeRO stage. (`torch.autograd.grad` on a
+    data input computes no weight gradient and fires none.)
     """
-    return any(p.requires_grad or (p.grad is not None and bool(p.grad.abs().sum() > 0)) for p in module.parameters())
+
+    def __init__(self, **modules: torch.nn.Module) -> None:
+        self.calls = {name: 0 for name in modules}
+        for name, module in modules.items():
+            for param in module.parameters():
+                param.register_hook(self._counter(name))
+
+    def _counter(self, name: str):  # type: ignore[no-untyped-def]
+        def hook(grad: torch.Tensor) -> None:
+            self.calls[name] += 1
+        return hook
+
+
+def reference_shared_encoder(enc: torch.nn.Module, gen: torch.nn.Module, x: torch.Tensor, noise: StepNoise
+                             ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The fast path in plain PyTorch: L_E's gradient for E and L_G's for G, both with E as it is
+    before its step (one encoder pass over x_r and x_p)."""
+    e_params, g_params = list(enc.parameters()), list(gen.parameters())
+    mu, logvar = enc(x)
+    z = mu + (0.5 * logvar).exp() * noise.eps
+    x_r, x_p = gen(z), gen(noise.z_prior)
+    l_ae = 0.5 * (x_r - x).pow(2).flatten(1).sum(1)
+    hinge = F.relu(W.margin - kl(*enc(x_r.detach()))) + F.relu(W.margin - kl(*enc(x_p.detach())))
+    loss_e = (kl(mu, logvar) + W.alpha * hinge + W.beta * l_ae).mean()
+    grads_e = torch.autograd.grad(loss_e, e_params, retain_graph=True)
+    loss_g = (W.alpha * (kl(*enc(x_r)) + kl(*enc(x_p))) + W.beta * l_ae).mean()
+    grads_g = torch.autograd.grad(loss_g, g_params)
+    return list(grads_e), list(grads_g)
+
+
+REFERENCES = {"algorithm1": reference, "shared_encoder": reference_shared_encoder}
 
 
 def main() -> None:
@@ -92,28 +123,32 @@ def main() -> None:
     local_noise = StepNoise(eps=noise.eps[rows], z_prior=noise.z_prior[rows])
     report: dict[str, dict[str, object]] = {}
     for stage in (1, 2, 3):
-        torch.manual_seed(7)
-        enc = Encoder(RES_PX, LATENT, WIDTHS, norm="group", checkpointing=True)
-        gen = Generator(RES_PX, LATENT, WIDTHS, norm="group", checkpointing=True)
-        ref_grads_e, ref_grads_g = reference(copy.deepcopy(enc), copy.deepcopy(gen), x, noise)
-        cfg = EngineConfig(zero_stage=stage, precision="fp32", lr=LR, betas=list(BETAS))
-        e = engine.build_engine(enc, cfg, per_rank, world.world_size)
-        g = engine.build_engine(gen, cfg, per_rank, world.world_size)
-        seen: dict[str, object] = {}
+        for order, reference_step in REFERENCES.items():
+            torch.manual_seed(7)
+            enc = Encoder(RES_PX, LATENT, WIDTHS, norm="group", checkpointing=True)
+            gen = Generator(RES_PX, LATENT, WIDTHS, norm="group", checkpointing=True)
+            ref_grads_e, ref_grads_g = reference_step(copy.deepcopy(enc), copy.deepcopy(gen), x, noise)
+            cfg = EngineConfig(zero_stage=stage, precision="fp32", lr=LR, betas=list(BETAS))
+            e = engine.build_engine(enc, cfg, per_rank, world.world_size)
+            g = engine.build_engine(gen, cfg, per_rank, world.world_size)
+            calls = GradientCalls(encoder=e.module, generator=g.module)
+            seen: dict[str, object] = {}
 
-        def on_gradients(phase: str) -> None:
-            updated, frozen = (e, g) if phase == "encoder" else (g, e)
-            seen[f"{phase}_grads"] = [engine.full_grad(p) for p in updated.module.parameters()]
-            seen[f"{phase}_other_holds_grad"] = holds_gradient(frozen.module)
+            def on_gradients(phase: str) -> None:
+                updated = e if phase == "encoder" else g
+                seen[f"{phase}_grads"] = [engine.full_grad(p) for p in updated.module.parameters()]
+                seen[f"calls_after_{phase}"] = dict(calls.calls)
 
-        train_step(e, g, x[rows], local_noise, W, on_gradients=on_gradients)
-        report[f"zero{stage}"] = {
-            "encoder_rel_err": max_rel_err(seen["encoder_grads"], ref_grads_e),  # type: ignore[arg-type]
-            "generator_rel_err": max_rel_err(seen["generator_grads"], ref_grads_g),  # type: ignore[arg-type]
-            "generator_holds_grad_in_encoder_phase": seen["encoder_other_holds_grad"],
-            "encoder_holds_grad_in_generator_phase": seen["generator_other_holds_grad"],
-        }
-        torch.distributed.barrier()
+            train_step(e, g, x[rows], local_noise, W, on_gradients=on_gradients, order=order)  # type: ignore[arg-type]
+            after_e, after_g = seen["calls_after_encoder"], seen["calls_after_generator"]
+            report[f"zero{stage}_{order}"] = {
+                "encoder_rel_err": max_rel_err(seen["encoder_grads"], ref_grads_e),  # type: ignore[arg-type]
+                "generator_rel_err": max_rel_err(seen["generator_grads"], ref_grads_g),  # type: ignore[arg-type]
+                "generator_grads_computed_in_encoder_phase": after_e["generator"],  # type: ignore[index]
+                "encoder_grads_computed_in_generator_phase": after_g["encoder"] - after_e["encoder"],  # type: ignore[index]
+                "encoder_grads_computed_in_encoder_phase": after_e["encoder"],  # type: ignore[index]
+            }
+            torch.distributed.barrier()
     if world.is_main:
         out_path.write_text(json.dumps(report, indent=1))
 
