@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -137,7 +139,8 @@ class ResidualBlock(nn.Module):
 
     out = act(norm2(conv2(act(norm1(conv1(x)))) + shortcut(x))), as in the authors' code.
     With `checkpointing`, activations inside the block are recomputed in the backward pass
-    (non-reentrant, so one block may serve x, x_r and x_p in one loss).
+    (non-reentrant, so one block may serve x, x_r and x_p in one loss). Inside E and G the
+    networks checkpoint each block together with its pooling or upsampling (`Segment`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, norm: NormKind, checkpointing: bool) -> None:
@@ -151,19 +154,97 @@ class ResidualBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=bias)
         self.norm2 = make_norm(norm, out_channels)
         self.checkpointing = checkpointing
+        #: Checkpoint only when the input's side is at least this (see set_checkpointing).
+        self.checkpoint_min_side_px = 0
 
-    def _body(self, x: torch.Tensor) -> torch.Tensor:
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's computation, never checkpointed (the caller may checkpoint around it)."""
         h = F.leaky_relu(self.norm1(self.conv1(x)), LEAKY_SLOPE)
         h = self.conv2(h)
         return F.leaky_relu(self.norm2(h + self.shortcut(x)), LEAKY_SLOPE)
 
-    def _contexts(self) -> tuple[_NoContext, _RestoreBuffersAfter]:
-        return _NoContext(), _RestoreBuffersAfter(self)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _maybe_recomputed(self, self.body, x, x.shape[-1])
+
+
+def _maybe_recomputed(owner: ResidualBlock | Stem, run: Callable[[torch.Tensor], torch.Tensor],
+                      x: torch.Tensor, side_px: int) -> torch.Tensor:
+    """`run(x)`, under non-reentrant checkpointing when `owner` is switched on and runs at
+    `side_px` >= its threshold; the recomputation restores `owner`'s BatchNorm statistics."""
+    if (owner.checkpointing and torch.is_grad_enabled() and side_px >= owner.checkpoint_min_side_px
+            and not _segment_running):
+        return checkpoint(run, x, use_reentrant=False, context_fn=lambda: (_NoContext(), _RestoreBuffersAfter(owner)))
+    return run(x)
+
+
+#: True while run_segments runs a segment (or recomputes one): its segment decided about
+#: checkpointing for everything inside, so the blocks do not checkpoint again.
+_segment_running = False
+
+
+@contextmanager
+def _inside_segment() -> Iterator[None]:
+    global _segment_running
+    outer, _segment_running = _segment_running, True
+    try:
+        yield
+    finally:
+        _segment_running = outer
+
+
+class Stem(nn.Sequential):
+    """E's first layer (Table 3): Conv 5x5, norm, LeakyReLU at full resolution.
+
+    At 1024 px its three full-size activations are most of what one encoder pass keeps for
+    the backward once the residual blocks are checkpointed, so it is checkpointed with them
+    (docs/BENCHMARKS.md, memory at 1024). Its children keep nn.Sequential's names (0, 1, 2).
+    """
+
+    def __init__(self, width: int, norm: NormKind, checkpointing: bool) -> None:
+        super().__init__(nn.Conv2d(3, width, 5, padding=2, bias=norm == "none"), make_norm(norm, width),
+                         nn.LeakyReLU(LEAKY_SLOPE))
+        self.checkpointing = checkpointing
+        self.checkpoint_min_side_px = 0
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        """The stem's computation, never checkpointed (the caller may checkpoint around it)."""
+        return super().forward(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._body, x, use_reentrant=False, context_fn=self._contexts)
-        return self._body(x)
+        return _maybe_recomputed(self, self.body, x, x.shape[-1])
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One checkpointed unit of a network: a residual block (or E's stem) together with the
+    parameter-free layers next to it (E's AvgPool after it; G's Upsample before it and, at the
+    top, the to-RGB conv after it).
+
+    Those layers would otherwise keep full-size tensors for their backward outside the
+    checkpoint: AvgPool its input (the block's output), the block its upsampled input, to-RGB
+    its input. Inside, a segment keeps only its own input, the smallest tensor of the group.
+    """
+
+    names: tuple[str, ...]
+    #: The layer whose switches (checkpointing, checkpoint_min_side_px) decide.
+    owner: str
+    #: Side the owner runs at, over the segment input's side (2 after G's Upsample).
+    side_factor: int = 1
+
+
+def run_segments(features: nn.Sequential, segments: Sequence[Segment], x: torch.Tensor) -> torch.Tensor:
+    """`features(x)`, with each segment checkpointed as its owner's switches say."""
+    for segment in segments:
+        layers = [getattr(features, name) for name in segment.names]
+
+        def run(h: torch.Tensor, layers: list[nn.Module] = layers) -> torch.Tensor:
+            with _inside_segment():  # also during the backward's recomputation
+                for layer in layers:
+                    h = layer(h)
+            return h
+
+        x = _maybe_recomputed(getattr(features, segment.owner), run, x, x.shape[-1] * segment.side_factor)
+    return x
 
 
 class Encoder(nn.Module):
@@ -186,11 +267,7 @@ class Encoder(nn.Module):
         self.resolution_px = resolution_px
         self.latent_dim = latent_dim
         layers: list[tuple[str, nn.Module]] = [
-            ("stem", nn.Sequential(
-                nn.Conv2d(3, widths[0], 5, padding=2, bias=norm == "none"),
-                make_norm(norm, widths[0]),
-                nn.LeakyReLU(LEAKY_SLOPE),
-            )),
+            ("stem", Stem(widths[0], norm, checkpointing)),
             ("pool0", nn.AvgPool2d(2)),
         ]
         for i in range(1, len(widths)):
@@ -199,9 +276,12 @@ class Encoder(nn.Module):
         layers.append(("res_bottom", ResidualBlock(widths[-1], widths[-1], norm, checkpointing)))
         self.features = nn.Sequential(OrderedDict(layers))
         self.fc = nn.Linear(widths[-1] * BOTTOM_SIDE_PX * BOTTOM_SIDE_PX, 2 * latent_dim)
+        self.segments = (Segment(("stem", "pool0"), "stem"),
+                         *(Segment((f"res{i}", f"pool{i}"), f"res{i}") for i in range(1, len(widths))),
+                         Segment(("res_bottom",), "res_bottom"))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.features(x)  # (B, W, 4, 4)
+        h = run_segments(self.features, self.segments, x)  # (B, W, 4, 4)
         mu, logvar = self.fc(h.flatten(1)).chunk(2, dim=1)  # (B, latent) each
         return mu, logvar
 
@@ -240,14 +320,23 @@ class Generator(nn.Module):
         layers.append(("res_top", ResidualBlock(current, current, norm, checkpointing)))
         layers.append(("to_rgb", nn.Conv2d(current, 3, 5, padding=2)))
         self.features = nn.Sequential(OrderedDict(layers))
+        n = len(widths)
+        self.segments = (Segment(("res_bottom",), "res_bottom"),
+                         *(Segment((f"up{i}", f"res{i}"), f"res{i}", 2) for i in range(1, n)),
+                         Segment((f"up{n}", "res_top", "to_rgb"), "res_top", 2))
+        #: Layout of the activations from the 4x4 bottom on. Convolutions follow their input's
+        #: layout, so channels_last here makes G run in NHWC; the encoder follows its input's.
+        self.activation_memory_format = torch.contiguous_format
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.fc(z).view(z.shape[0], self.bottom_width, BOTTOM_SIDE_PX, BOTTOM_SIDE_PX)
-        return self.features(h)  # (B, 3, R, R)
+        return run_segments(self.features, self.segments, h.contiguous(memory_format=self.activation_memory_format))
 
 
-def set_checkpointing(module: nn.Module, enabled: bool) -> None:
-    """Switch activation checkpointing of every residual block in `module`."""
+def set_checkpointing(module: nn.Module, enabled: bool, min_side_px: int = 0) -> None:
+    """Switch activation checkpointing of the residual blocks (and E's stem) in `module`: all
+    of them, or with `min_side_px` those that run at a side of at least that many pixels."""
     for block in module.modules():
-        if isinstance(block, ResidualBlock):
+        if isinstance(block, (ResidualBlock, Stem)):
             block.checkpointing = enabled
+            block.checkpoint_min_side_px = min_side_px

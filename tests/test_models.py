@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from introvae_dist.models import BatchNorm2d, Encoder, Generator, ResidualBlock, table3_widths
+from introvae_dist.models import BatchNorm2d, Encoder, Generator, ResidualBlock, set_checkpointing, table3_widths
 
 # Table 3 (Appendix B), read row by row: (layer, output shape C x H x W).
 TABLE3_ENCODER = [
@@ -122,6 +122,55 @@ def test_checkpointed_block_used_three_times_in_one_loss() -> None:
     assert int(ckpt.norm1.num_batches_tracked) == 3
     for p_plain, p_ckpt in zip(plain.parameters(), ckpt.parameters()):
         torch.testing.assert_close(p_ckpt.grad, p_plain.grad)
+
+
+def test_checkpointing_threshold_recomputes_only_the_large_blocks() -> None:
+    # 16 px encoder: res1 sees 8x8, res_bottom 4x4; with min_side_px=8 only res1 is recomputed.
+    enc = Encoder(16, 4, (8, 16), "batch", checkpointing=True)
+    set_checkpointing(enc, True, min_side_px=8)
+    calls = {"res1": 0, "res_bottom": 0}
+    for name in calls:
+        getattr(enc.features, name).conv1.register_forward_hook(
+            lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    mu, logvar = enc(torch.rand(2, 3, 16, 16))
+    (mu.sum() + logvar.sum()).backward()
+    assert calls == {"res1": 2, "res_bottom": 1}  # res1 ran again in the backward
+
+
+def test_checkpointed_generator_graph_serves_two_backward_passes() -> None:
+    # algorithm.decode keeps G's graph for a data-only autograd.grad, then G's own backward.
+    torch.manual_seed(0)
+    plain = Generator(16, 4, (8, 16), "batch", checkpointing=False)
+    ckpt = Generator(16, 4, (8, 16), "batch", checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    z = torch.randn(3, 4)
+    grads = []
+    for gen in (plain, ckpt):
+        z_leaf = z.clone().requires_grad_(True)
+        out = gen(z_leaf)
+        (grad_z,) = torch.autograd.grad(out.square().mean(), z_leaf, retain_graph=True)
+        out.square().mean().backward()
+        grads.append((grad_z, [p.grad for p in gen.parameters()], gen.features.res_top.norm1.num_batches_tracked))
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    for g_ckpt, g_plain in zip(grads[1][1], grads[0][1]):
+        torch.testing.assert_close(g_ckpt, g_plain)
+    assert int(grads[1][2]) == int(grads[0][2]) == 1  # statistics advanced once, recomputation or not
+
+
+def test_checkpointed_encoder_segments_match_plain_gradients_and_statistics() -> None:
+    # Segments recompute block + pooling (and the stem) together; results must not change.
+    torch.manual_seed(0)
+    plain = Encoder(16, 4, (8, 16), "batch", checkpointing=False)
+    ckpt = Encoder(16, 4, (8, 16), "batch", checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.rand(3, 3, 16, 16)
+    for enc in (plain, ckpt):
+        mu, logvar = enc(x)
+        (mu.square().sum() + logvar.sum()).backward()
+    for p_plain, p_ckpt in zip(plain.parameters(), ckpt.parameters()):
+        torch.testing.assert_close(p_ckpt.grad, p_plain.grad)
+    for b_plain, b_ckpt in zip(plain.buffers(), ckpt.buffers()):
+        torch.testing.assert_close(b_ckpt, b_plain)  # running statistics advanced once
 
 
 def test_bf16_weights_keep_fp32_running_statistics() -> None:
