@@ -17,7 +17,7 @@ stalls every parallel region, so such a step can take several times longer (seen
 different factors per variant. Rounds in which any variant got less than `--min-cpu-share` are
 logged but left out of the medians.
 
-Model FLOPs per image are counted once, with `FlopCounterMode`, over one plain-PyTorch step on
+Model FLOPs per image are counted once, with torch's FLOP formulas (`FlopCounter`), over one plain-PyTorch step on
 meta-device modules (forward + backward; convolutions and matmuls only, the optimiser is not counted)
 without activation checkpointing, so recomputation is not credited as useful work; the count
 that includes recomputation is reported beside it. TFLOP/s = model FLOPs / median step time.
@@ -42,12 +42,13 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 # Run from a checkout without installing: make the package importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from introvae_dist.algorithm import Engine, StepNoise, train_step  # noqa: E402
+from introvae_dist.algorithm import Engine, StepNoise, StepOrder, train_step  # noqa: E402
 from introvae_dist.config import EngineConfig  # noqa: E402
 from introvae_dist.distributed import world_from_env  # noqa: E402
 from introvae_dist.losses import LossWeights  # noqa: E402
@@ -111,6 +112,9 @@ class PlainEngine:
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
 
+    def adopt_outputs(self, *outputs: torch.Tensor) -> None:
+        """Nothing to attach: a plain module's backward needs no hooks."""
+
 
 def build_networks(resolution_px: int, checkpointing: bool) -> tuple[Encoder, Generator]:
     """E and G of the preset (Table 3 widths, BatchNorm), seeded: every variant starts alike."""
@@ -128,12 +132,13 @@ def step_inputs(resolution_px: int, batch: int, seed: int) -> tuple[torch.Tensor
     return x, StepNoise.sample(batch, LATENT_DIM, rng, torch.device("cpu"))
 
 
-def count_step_flops_per_image(resolution_px: int, checkpointing: bool, latent_dim: int = LATENT_DIM) -> float:
-    """FLOPs per image of one plain-PyTorch train_step (forward + backward).
+def count_step_flops_per_image(resolution_px: int, checkpointing: bool, latent_dim: int = LATENT_DIM,
+                               order: StepOrder = "algorithm1") -> float:
+    """FLOPs per image of one plain-PyTorch train_step (forward + backward) in `order`.
 
     Counted on the meta device: shapes only, so even the 1024 px networks cost no memory and
-    no time. Gives the same counts as real fp32 tensors (428.3 / 581.2 GFLOP at 128 px without
-    / with recomputation, checked against a run on real tensors).
+    no time. Gives the same counts as real fp32 tensors (checked against a run on real
+    tensors when this was written).
     """
     with torch.device("meta"):
         widths = table3_widths(resolution_px)
@@ -141,20 +146,43 @@ def count_step_flops_per_image(resolution_px: int, checkpointing: bool, latent_d
         gen = Generator(resolution_px, latent_dim, widths, "batch", checkpointing)
         x = torch.rand(FLOP_COUNT_BATCH, 3, resolution_px, resolution_px)
         noise = StepNoise(torch.randn(FLOP_COUNT_BATCH, latent_dim), torch.randn(FLOP_COUNT_BATCH, latent_dim))
-    counter = FlopCounterMode(display=False)
-    with counter:
-        train_step(PlainEngine(enc), PlainEngine(gen), x, noise, WEIGHTS)
-    return counter.get_total_flops() / FLOP_COUNT_BATCH
+    with FlopCounter() as counter:
+        train_step(PlainEngine(enc), PlainEngine(gen), x, noise, WEIGHTS, order=order)
+    return counter.total / FLOP_COUNT_BATCH
 
 
-def build_variant(setup: Setup, precision: Precision) -> EnginePair:
-    """The encoder and generator engines of one precision (DeepSpeed, as in training)."""
+class FlopCounter(TorchDispatchMode):
+    """Sums the FLOPs of every op that torch's FlopCounterMode knows (convolutions, matmuls).
+
+    The same per-op formulas as `FlopCounterMode`, without its module tracking: that tracking
+    hooks module inputs and refuses `torch.autograd.grad` on a leaf ("_will_engine_execute_node"),
+    which `algorithm.decode` uses.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.total += count(*args, **kwargs, out_val=out)
+        return out
+
+
+def build_variant(setup: Setup, precision: Precision, channels_last: bool = False,
+                  fused_adam: bool = False, world_size: int = 1) -> EnginePair:
+    """The encoder and generator engines of one variant (DeepSpeed, as training builds them)."""
     from introvae_dist import engine  # imports DeepSpeed
 
-    cfg = EngineConfig(zero_stage=setup.zero_stage, precision=precision)
+    cfg = EngineConfig(zero_stage=setup.zero_stage, precision=precision, fused_adam=fused_adam)
     enc, gen = build_networks(setup.resolution_px, setup.checkpointing)
-    return (engine.build_engine(enc, cfg, setup.batch_per_rank, world_size=1),
-            engine.build_engine(gen, cfg, setup.batch_per_rank, world_size=1))
+    if channels_last:  # as the trainer does with train.channels_last (and the caller's input)
+        gen.activation_memory_format = torch.channels_last
+    return (engine.build_engine(enc, cfg, setup.batch_per_rank, world_size),
+            engine.build_engine(gen, cfg, setup.batch_per_rank, world_size))
 
 
 def param_dtype(engine: Engine) -> torch.dtype:

@@ -8,24 +8,39 @@ longer walks into E's graph of x, whose weights E's optimiser step has changed i
 per step: G(z_p), E(x), G(z), E(x_r), E(x_p) and one backward; E's step; E(x_r), E(x_p) again
 and G's backward through the retained graph; no activation checkpointing, as in their code.
 
-Ours is `algorithm.train_step` through the two DeepSpeed engines as training builds them, with
-the precision and checkpointing given on the command line (defaults: the 128 preset's bf16,
-checkpointing on). Data loading is left out of both: one fixed batch.
+Ours is `algorithm.train_step` through the two DeepSpeed engines (ZeRO 1) as training builds
+them, in one or more variants, each a `+`-joined list of switches:
 
-Rounds alternate the variants so a slow phase of a shared machine falls on both; the ratio of
-the median step times is the figure (issue 7, target 1: at least 4x).
+* `bf16` | `fp32`: DeepSpeed's bf16 mode (bf16 weights and activations, fp32 master weights in
+  the optimiser) or fp32 throughout;
+* `ckpt`: activation checkpointing in the residual blocks (`model.checkpoint_blocks`);
+* `cl`: channels-last weights and inputs (`train.channels_last`);
+* `fused`: torch's fused Adam kernel (`encoder/generator.fused_adam`);
+* `shared`: the shared-encoder fast path instead of Algorithm 1 (`train.step_order`).
+
+Data loading is left out of all: one fixed batch. Rounds run every variant once, in order, so
+a slow phase of the machine falls on all of them; each figure is the median over rounds in
+which every variant had at least `--min-cpu-share` of the cores (as in step_throughput.py).
+
+Model FLOPs are counted per variant on the meta device without recomputation (useful work:
+Algorithm 1 and the fast path do different amounts); TFLOP/s = model FLOPs / median step time,
+and MFU divides that by the bf16 convolution peak measured at the start of the same run
+(bench/conv_peak.py).
 
     python bench/vs_authors.py
-    python bench/vs_authors.py --no-checkpointing --steps 5
+    python bench/vs_authors.py --variants bf16+cl+fused bf16+fused bf16+cl bf16+cl+fused+ckpt
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,11 +48,41 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from step_throughput import LATENT_DIM, SEED, WEIGHTS, Setup, build_networks, build_variant, step_inputs  # noqa: E402
+from conv_peak import peak_tflops  # noqa: E402
+from step_throughput import (  # noqa: E402
+    FLOP_COUNT_BATCH, LATENT_DIM, SEED, WEIGHTS, FlopCounter, Setup, build_networks, build_variant, count_step_flops_per_image,
+    cpu_model, step_inputs,
+)
 
-from introvae_dist.algorithm import StepNoise, train_step  # noqa: E402
+from introvae_dist.algorithm import StepNoise, StepOrder, train_step  # noqa: E402
 from introvae_dist.distributed import world_from_env  # noqa: E402
 from introvae_dist.losses import kl_per_image  # noqa: E402
+
+SWITCHES = ("bf16", "fp32", "ckpt", "cl", "fused", "shared")
+#: The 128 preset's defaults after issue 7, and the fast path on top of them.
+DEFAULT_VARIANTS = ("bf16+cl+fused", "bf16+cl+fused+shared")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One configuration of our step, parsed from its `+`-joined name."""
+
+    name: str
+    precision: str
+    checkpointing: bool
+    channels_last: bool
+    fused_adam: bool
+    order: StepOrder
+
+    @staticmethod
+    def parse(name: str) -> Variant:
+        parts = name.split("+")
+        unknown = [p for p in parts if p not in SWITCHES]
+        if unknown or ("bf16" in parts) == ("fp32" in parts):
+            raise ValueError(f"variant {name!r}: expected bf16 or fp32 and any of ckpt, cl, fused, shared "
+                             f"joined by '+' (unknown: {unknown})")
+        return Variant(name, "bf16" if "bf16" in parts else "fp32", "ckpt" in parts, "cl" in parts,
+                       "fused" in parts, "shared_encoder" if "shared" in parts else "algorithm1")
 
 
 class AuthorsStep:
@@ -49,7 +94,7 @@ class AuthorsStep:
         self.opt_e = torch.optim.Adam(self.enc.parameters(), lr=2e-4)
         self.opt_g = torch.optim.Adam(self.gen.parameters(), lr=2e-4)
 
-    def __call__(self, x: torch.Tensor, noise: StepNoise) -> float:
+    def __call__(self, x: torch.Tensor, noise: StepNoise, count_only: bool = False) -> float:
         w = WEIGHTS
         fake = self.gen(noise.z_prior)
         mu, logvar = self.enc(x)
@@ -70,7 +115,18 @@ class AuthorsStep:
         loss_g = (kl_per_image(rec_mu, rec_logvar).mean() + kl_per_image(fake_mu, fake_logvar).mean()) * 0.5 * w.alpha
         loss_g.backward(inputs=list(self.gen.parameters()))  # the fix; G keeps beta * L_AE from above
         self.opt_g.step()
-        return float(loss_g)
+        return 0.0 if count_only else float(loss_g)
+
+
+def count_authors_flops_per_image(resolution_px: int, batch: int = FLOP_COUNT_BATCH) -> float:
+    """FLOPs per image of one AuthorsStep (forward + backward), counted on the meta device."""
+    with torch.device("meta"):
+        step = AuthorsStep(resolution_px)
+        x = torch.rand(batch, 3, resolution_px, resolution_px)
+        noise = StepNoise(torch.randn(batch, LATENT_DIM), torch.randn(batch, LATENT_DIM))
+    with FlopCounter() as counter:
+        step(x, noise, count_only=True)
+    return counter.total / batch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,40 +134,69 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution-px", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3, help="timed rounds")
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="ours")
-    parser.add_argument("--zero-stage", type=int, default=1)
-    parser.add_argument("--no-checkpointing", action="store_true", help="ours without activation checkpointing")
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
+                        help="ours, each a '+'-joined list of: " + ", ".join(SWITCHES))
+    parser.add_argument("--min-cpu-share", type=float, default=0.9)
     args = parser.parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        variants = [Variant.parse(v) for v in args.variants]
+    except ValueError as e:
+        parser.error(str(e))
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
 
     from introvae_dist import engine  # imports DeepSpeed
 
     world_from_env()
     engine.init_distributed()
-    setup = Setup(args.resolution_px, args.batch, args.zero_stage, not args.no_checkpointing)
-    ours = build_variant(setup, args.precision)
-    authors = AuthorsStep(args.resolution_px)
+    torch.set_num_threads(threads)
+    peak = peak_tflops(torch.bfloat16)
+    flops = {"authors": count_authors_flops_per_image(args.resolution_px)}
+    steps: dict[str, Callable[[torch.Tensor, StepNoise], object]] = {"authors": AuthorsStep(args.resolution_px)}
+    for v in variants:
+        flops[v.name] = count_step_flops_per_image(args.resolution_px, checkpointing=False, order=v.order)
+        setup = Setup(args.resolution_px, args.batch, 1, v.checkpointing)
+        enc, gen = build_variant(setup, v.precision, v.channels_last, v.fused_adam)  # type: ignore[arg-type]
+        fmt = torch.channels_last if v.channels_last else torch.contiguous_format
+
+        def ours(x: torch.Tensor, noise: StepNoise, enc=enc, gen=gen, fmt=fmt, order=v.order) -> object:
+            return train_step(enc, gen, x.contiguous(memory_format=fmt), noise, WEIGHTS, order=order)["loss_g"].item()
+
+        steps[v.name] = ours
     x, noise = step_inputs(args.resolution_px, args.batch, SEED + 1)
-    print(f"# python bench/vs_authors.py {' '.join(sys.argv[1:] if argv is None else argv)}\n"
-          f"# {args.resolution_px} px, latent {LATENT_DIM}, batch {args.batch}, {torch.get_num_threads()} threads, "
-          f"load {os.getloadavg()[0]:.2f}; ours: {args.precision}, ZeRO {args.zero_stage}, "
-          f"checkpointing {'on' if setup.checkpointing else 'off'}", flush=True)
-    times: dict[str, list[float]] = {"authors": [], "ours": []}
+    command = "python bench/vs_authors.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
+    print(f"# {command.strip()}\n"
+          f"# {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; torch {torch.__version__}; "
+          f"load {os.getloadavg()[0]:.2f}\n"
+          f"# {args.resolution_px} px, latent {LATENT_DIM}, batch {args.batch}, ZeRO 1; measured bf16 conv peak "
+          f"{peak:.3f} TFLOP/s (bench/conv_peak.py)\n"
+          f"# model GFLOP per image per step: " + ", ".join(f"{k} {f / 1e9:.1f}" for k, f in flops.items()),
+          flush=True)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    shares: dict[str, list[float]] = {name: [] for name in steps}
     for round_index in range(1 + args.steps):  # the first round warms up
-        for name in times:
-            start = time.perf_counter()
-            if name == "authors":
-                authors(x, noise)
-            else:
-                train_step(ours[0], ours[1], x, noise, WEIGHTS)["loss_g"].item()
+        for name, step in steps.items():
+            start, cpu_start = time.perf_counter(), time.process_time()
+            step(x, noise)
             wall = time.perf_counter() - start
-            print(f"  {'warm-up' if round_index == 0 else f'round {round_index}':>8} {name:>7}: {wall:7.2f} s", flush=True)
+            share = (time.process_time() - cpu_start) / (wall * torch.get_num_threads())
+            label = "warm-up" if round_index == 0 else f"round {round_index}"
+            print(f"  {label:>8} {name:>22}: {wall:7.2f} s, cpu share {share:.2f}", flush=True)
             if round_index:
                 times[name].append(wall)
-    medians = {name: statistics.median(t) for name, t in times.items()}
+                shares[name].append(share)
+    clean = [i for i in range(args.steps) if all(s[i] >= args.min_cpu_share for s in shares.values())]
+    if not clean:
+        print(f"# WARNING: every round had a variant with < {args.min_cpu_share} of the cores; medians of all rounds")
+        clean = list(range(args.steps))
+    print(f"# medians over {len(clean)} of {args.steps} rounds")
+    medians = {name: statistics.median(t[i] for i in clean) for name, t in times.items()}
+    print("| variant | s/step | images/s | vs authors | model TFLOP/s | MFU (bf16 peak) |")
+    print("|---|---|---|---|---|---|")
     for name, median in medians.items():
-        print(f"{name:>7}: median {median:.2f} s/step, {args.batch / median:.3f} images/s")
-    print(f"ours / authors: {medians['authors'] / medians['ours']:.2f}x the authors' images/s")
+        tflops = flops[name] * args.batch / median / 1e12
+        print(f"| {name} | {median:.2f} | {args.batch / median:.3f} | {medians['authors'] / median:.2f}x | "
+              f"{tflops:.3f} | {100 * tflops / peak:.0f}% |")
     return 0
 
 

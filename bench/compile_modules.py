@@ -1,0 +1,73 @@
+"""Does torch.compile speed up the networks? Eager against compiled, side by side, bf16.
+
+What: one forward and backward of E on an image batch and of G on a latent batch (the 128
+preset's networks: Table 3 at 128 px, latent 256, BatchNorm, no checkpointing), bf16 weights,
+channels-last activations, batch 8, as plain modules (no DeepSpeed, no optimiser): the part of
+a training step that `torch.compile` (inductor, CPU C++ backend) could fuse, since convolutions
+stay in oneDNN either way and the rest (BatchNorm, LeakyReLU, residual adds, pooling,
+upsampling) is elementwise work. The first compiled call's time, compilation included, is
+printed separately. Rounds alternate eager and compiled after a warm-up; medians.
+
+    python bench/compile_modules.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from step_throughput import build_networks, step_inputs  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=4)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    x, noise = step_inputs(128, 8, 1)
+    x = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    z = noise.z_prior.to(torch.bfloat16)
+
+    def networks(compiled: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+        enc, gen = build_networks(128, checkpointing=False)
+        enc, gen = enc.to(torch.bfloat16), gen.to(torch.bfloat16)
+        gen.activation_memory_format = torch.channels_last
+        return (torch.compile(enc), torch.compile(gen)) if compiled else (enc, gen)
+
+    def fwd_bwd(enc: torch.nn.Module, gen: torch.nn.Module) -> None:
+        mu, logvar = enc(x)
+        (mu.float().sum() + logvar.float().sum()).backward()
+        gen(z).float().square().mean().backward()
+
+    variants = {"eager": networks(False), "compiled": networks(True)}
+    start = time.perf_counter()
+    fwd_bwd(*variants["compiled"])
+    print(f"# python bench/compile_modules.py {' '.join(sys.argv[1:] if argv is None else argv)}\n"
+          f"# torch {torch.__version__}, {torch.get_num_threads()} threads; first compiled call (compiling): "
+          f"{time.perf_counter() - start:.1f} s", flush=True)
+    fwd_bwd(*variants["eager"])
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, nets in variants.items():
+            start = time.perf_counter()
+            fwd_bwd(*nets)
+            times[name].append(time.perf_counter() - start)
+    eager = statistics.median(times["eager"])
+    print("| variant | s per E+G forward and backward | vs eager |")
+    print("|---|---|---|")
+    for name, t in times.items():
+        print(f"| {name} | {statistics.median(t):.3f} | {eager / statistics.median(t):.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

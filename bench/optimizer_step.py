@@ -1,0 +1,62 @@
+"""Adam's step on the fp32 master weights: torch's default kernel against the fused one.
+
+Under bf16 and ZeRO, DeepSpeed keeps each engine's fp32 master weights as one flat partition
+per rank and calls the client optimiser (`engine.build_engine`'s torch Adam) on it once per
+step. This times exactly that call, on one flat fp32 tensor per network of the 128 preset's
+parameter count (E and G of Table 3 at 128 px, latent 256) with a gradient attached, for
+`foreach` (torch's default on CPU tensors) and `fused` (`encoder/generator.fused_adam`).
+Rounds alternate the variants after a warm-up step each; medians.
+
+    python bench/optimizer_step.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from step_throughput import build_networks  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    sizes = [sum(p.numel() for p in net.parameters()) for net in build_networks(128, checkpointing=False)]
+    variants = {}
+    for name, kwargs in (("foreach", {"foreach": True}), ("fused", {"fused": True})):
+        flats = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
+        for flat in flats:
+            flat.grad = torch.randn_like(flat)
+        optimizer = torch.optim.Adam(flats, lr=2e-4, **kwargs)
+        optimizer.step()  # warm-up: creates the moments
+        variants[name] = optimizer
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, optimizer in variants.items():
+            start = time.perf_counter()
+            optimizer.step()
+            times[name].append(time.perf_counter() - start)
+    print(f"# python bench/optimizer_step.py {' '.join(sys.argv[1:] if argv is None else argv)}\n"
+          f"# torch {torch.__version__}, {torch.get_num_threads()} threads; flat fp32 partitions of "
+          f"{sizes[0] / 1e6:.1f} M (E) and {sizes[1] / 1e6:.1f} M (G) parameters, {args.rounds} rounds")
+    reference = statistics.median(times["foreach"])
+    print("| Adam kernel | ms per step (E + G) | vs foreach |")
+    print("|---|---|---|")
+    for name, t in times.items():
+        print(f"| {name} | {1000 * statistics.median(t):.1f} | {reference / statistics.median(t):.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
