@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# {describe_epoch(stream_spec(cfg, world, plan))}")
         return 0
 
-    from introvae_dist.trainer import Trainer  # imports DeepSpeed
+    from introvae_dist.engine import shutdown_distributed  # imports DeepSpeed
+    from introvae_dist.trainer import Trainer
 
     try:
         # From here on a stop signal is recorded, not fatal: one during start-up (engines,
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         with StopSignals():
             trainer = Trainer(cfg, world, plan)
             stopped_by = trainer.train()
+        shutdown_distributed()  # every rank got here: the last collective is behind us
     except (DataError, CheckpointError, ConfigError) as e:  # shards or checkpoints failing their checksums
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

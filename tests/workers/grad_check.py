@@ -151,9 +151,7 @@ def main() -> None:
             torch.distributed.barrier()
     if world.is_main:
         out_path.write_text(json.dumps(report, indent=1))
-    # Join gloo's threads before the interpreter tears down: one CI run of this worker (12
-    # engines) ended with "terminate called without an active exception" on a rank.
-    torch.distributed.destroy_process_group()
+    engine.shutdown_distributed()
 
 
 if __name__ == "__main__":
