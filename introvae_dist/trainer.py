@@ -359,8 +359,9 @@ class Trainer:
 
     def _one_step(self, log: RunLog) -> str | None:
         t = self.cfg.train
-        x = to_unit_float(next(self.batches).to(self.device, non_blocking=True))  # (B, 3, R, R)
-        x = x.contiguous(memory_format=self.memory_format)
+        images = next(self.batches).to(self.device, non_blocking=True)  # uint8 (B, 3, R, R)
+        # Re-laid out while still uint8 (a quarter of the bytes); the float keeps the layout.
+        x = to_unit_float(images.contiguous(memory_format=self.memory_format))
         warmup = self.images_seen < self.cfg.loss.warmup_images
         noise = StepNoise.sample(x.shape[0], self.cfg.model.latent_dim, self.noise_rng, self.device)
         figures = train_step(self.enc, self.gen, x, noise, self._loss_weights(warmup), order=t.step_order)
