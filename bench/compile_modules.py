@@ -8,7 +8,12 @@ stay in oneDNN either way and the rest (BatchNorm, LeakyReLU, residual adds, poo
 upsampling) is elementwise work. The first compiled call's time, compilation included, is
 printed separately. Rounds alternate eager and compiled after a warm-up; medians.
 
+With `--profile`, instead: torch.profiler over one eager forward and backward, and the share of
+the CPU time spent in convolution kernels (forward and backward) against everything else,
+which is what bounds any fusion from compiling.
+
     python bench/compile_modules.py
+    python bench/compile_modules.py --profile
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,6 +37,7 @@ from step_throughput import build_networks, step_inputs  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--profile", action="store_true", help="profile eager instead of comparing")
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     x, noise = step_inputs(128, 8, 1)
@@ -48,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         (mu.float().sum() + logvar.float().sum()).backward()
         gen(z).float().square().mean().backward()
 
+    if args.profile:
+        return profile(fwd_bwd, networks(False), sys.argv[1:] if argv is None else argv)
     variants = {"eager": networks(False), "compiled": networks(True)}
     start = time.perf_counter()
     fwd_bwd(*variants["compiled"])
@@ -66,6 +75,27 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|")
     for name, t in times.items():
         print(f"| {name} | {statistics.median(t):.3f} | {eager / statistics.median(t):.2f}x |")
+    return 0
+
+
+def profile(fwd_bwd: Callable[[torch.nn.Module, torch.nn.Module], None],
+            nets: tuple[torch.nn.Module, torch.nn.Module], argv: list[str]) -> int:
+    """Share of one eager forward and backward's CPU time in convolution kernels."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fwd_bwd(*nets)  # warm-up: oneDNN picks its kernels
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        fwd_bwd(*nets)
+    self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(self_us.values())
+    conv = sum(us for key, us in self_us.items() if "convolution" in key)
+    print(f"# python bench/compile_modules.py {' '.join(argv)}\n# torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; one eager E+G forward and backward, bf16, channels-last, batch 8")
+    print(f"convolution kernels (forward and backward): {conv / total:.0%} of {total / 1e6:.2f} s CPU time; "
+          f"everything else {1 - conv / total:.0%}")
+    for key, us in sorted(self_us.items(), key=lambda kv: -kv[1])[:6]:
+        print(f"  {key:<40} {us / total:6.1%}")
     return 0
 
 

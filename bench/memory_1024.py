@@ -62,31 +62,23 @@ def _status_bytes(field: str) -> int:
 
 def child(variant: str, min_side_px: int, batch: int, steps: int) -> dict[str, object]:
     """One process: build the engines, warm up, then time `steps` steps and their peak memory."""
-    from step_throughput import SEED, WEIGHTS, Setup  # noqa: F401  (bench/ helpers)
+    from step_throughput import SEED, Setup, build_variant  # bench/ helpers
 
     from introvae_dist import engine
     from introvae_dist.algorithm import StepNoise, train_step
-    from introvae_dist.config import EngineConfig
     from introvae_dist.distributed import world_from_env
-    from introvae_dist.models import Encoder, Generator, set_checkpointing, table3_widths
+    from introvae_dist.losses import LossWeights
 
     world_from_env()
     engine.init_distributed()
     torch.set_num_threads(os.cpu_count() or 1)
-    torch.manual_seed(SEED)
-    widths = table3_widths(RESOLUTION_PX)
-    enc, gen = (Encoder(RESOLUTION_PX, LATENT_DIM, widths, "batch", True),
-                Generator(RESOLUTION_PX, LATENT_DIM, widths, "batch", True))
-    for net in (enc, gen):
-        set_checkpointing(net, variant != "none", min_side_px if variant == "side" else 0)
-    gen.activation_memory_format = torch.channels_last
-    params = sum(p.numel() for net in (enc, gen) for p in net.parameters())
-    cfg = EngineConfig(zero_stage=1, precision="bf16", fused_adam=True)
-    e, g = engine.build_engine(enc, cfg, batch, 1), engine.build_engine(gen, cfg, batch, 1)
+    e, g = build_variant(Setup(RESOLUTION_PX, batch, 1, variant != "none"), "bf16", channels_last=True,
+                         fused_adam=True, latent_dim=LATENT_DIM, min_side_px=min_side_px if variant == "side" else 0)
+    params = sum(p.numel() for net in (e.module, g.module) for p in net.parameters())
     rng = torch.Generator().manual_seed(SEED + 1)
     x = torch.rand(batch, 3, RESOLUTION_PX, RESOLUTION_PX, generator=rng).contiguous(memory_format=torch.channels_last)
     noise = StepNoise.sample(batch, LATENT_DIM, rng, torch.device("cpu"))
-    weights = WEIGHTS.__class__(alpha=0.25, beta=0.0025, margin=90.0)  # Sec. 4.1 at 1024
+    weights = LossWeights(alpha=0.25, beta=0.0025, margin=90.0)  # Sec. 4.1 at 1024
     train_step(e, g, x, noise, weights)  # warm-up: Adam's state, oneDNN's kernels
     peaks, times = [], []
     for _ in range(steps):

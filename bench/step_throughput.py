@@ -36,6 +36,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -52,7 +53,7 @@ from introvae_dist.algorithm import Engine, StepNoise, StepOrder, train_step  # 
 from introvae_dist.config import EngineConfig  # noqa: E402
 from introvae_dist.distributed import world_from_env  # noqa: E402
 from introvae_dist.losses import LossWeights  # noqa: E402
-from introvae_dist.models import Encoder, Generator, table3_widths  # noqa: E402
+from introvae_dist.models import Encoder, Generator, set_checkpointing, table3_widths  # noqa: E402
 
 Precision = Literal["bf16", "fp32"]
 #: The encoder's engine and the generator's engine of one variant.
@@ -116,20 +117,25 @@ class PlainEngine:
         """Nothing to attach: a plain module's backward needs no hooks."""
 
 
-def build_networks(resolution_px: int, checkpointing: bool) -> tuple[Encoder, Generator]:
-    """E and G of the preset (Table 3 widths, BatchNorm), seeded: every variant starts alike."""
+def build_networks(resolution_px: int, checkpointing: bool, latent_dim: int = LATENT_DIM,
+                   min_side_px: int = 0) -> tuple[Encoder, Generator]:
+    """E and G of the preset (Table 3 widths, BatchNorm), seeded: every variant starts alike.
+    `min_side_px` is `model.checkpoint_min_side_px`."""
     torch.manual_seed(SEED)
     widths = table3_widths(resolution_px)
-    enc = Encoder(resolution_px, LATENT_DIM, widths, "batch", checkpointing)
-    gen = Generator(resolution_px, LATENT_DIM, widths, "batch", checkpointing)
+    enc = Encoder(resolution_px, latent_dim, widths, "batch", checkpointing)
+    gen = Generator(resolution_px, latent_dim, widths, "batch", checkpointing)
+    for net in (enc, gen):
+        set_checkpointing(net, checkpointing, min_side_px)
     return enc, gen
 
 
-def step_inputs(resolution_px: int, batch: int, seed: int) -> tuple[torch.Tensor, StepNoise]:
+def step_inputs(resolution_px: int, batch: int, seed: int, latent_dim: int = LATENT_DIM
+                ) -> tuple[torch.Tensor, StepNoise]:
     """A random image batch (B, 3, R, R) in [0, 1] and the step's noise."""
     rng = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, 3, resolution_px, resolution_px, generator=rng)
-    return x, StepNoise.sample(batch, LATENT_DIM, rng, torch.device("cpu"))
+    return x, StepNoise.sample(batch, latent_dim, rng, torch.device("cpu"))
 
 
 def count_step_flops_per_image(resolution_px: int, checkpointing: bool, latent_dim: int = LATENT_DIM,
@@ -173,12 +179,13 @@ class FlopCounter(TorchDispatchMode):
 
 
 def build_variant(setup: Setup, precision: Precision, channels_last: bool = False,
-                  fused_adam: bool = False, world_size: int = 1) -> EnginePair:
+                  fused_adam: bool = False, world_size: int = 1, latent_dim: int = LATENT_DIM,
+                  min_side_px: int = 0) -> EnginePair:
     """The encoder and generator engines of one variant (DeepSpeed, as training builds them)."""
     from introvae_dist import engine  # imports DeepSpeed
 
     cfg = EngineConfig(zero_stage=setup.zero_stage, precision=precision, fused_adam=fused_adam)
-    enc, gen = build_networks(setup.resolution_px, setup.checkpointing)
+    enc, gen = build_networks(setup.resolution_px, setup.checkpointing, latent_dim, min_side_px)
     if channels_last:  # as the trainer does with train.channels_last (and the caller's input)
         gen.activation_memory_format = torch.channels_last
     return (engine.build_engine(enc, cfg, setup.batch_per_rank, world_size),
@@ -189,19 +196,24 @@ def param_dtype(engine: Engine) -> torch.dtype:
     return next(engine.module.parameters()).dtype
 
 
-def timed_step(engines: EnginePair, x: torch.Tensor, noise: StepNoise) -> tuple[float, float]:
-    """Wall seconds of one train_step, and the share of the cores this process got meanwhile.
+def timed_call(call: Callable[[], object]) -> tuple[float, float]:
+    """Wall seconds of `call()`, and the share of the cores this process got meanwhile.
 
     The share is process CPU time / (wall time x threads): well below 1 means other processes
-    took cores during the step, so its time says more about the machine than about the step.
-    Reading a figure waits for any asynchronous work.
+    took cores during the call, so its time says more about the machine than about the step.
+    `call` should read a figure of its result, which waits for any asynchronous work.
     """
-    enc, gen = engines
     start, cpu_start = time.perf_counter(), time.process_time()
-    figures = train_step(enc, gen, x, noise, WEIGHTS)
-    figures["loss_g"].item()
+    call()
     wall = time.perf_counter() - start
     return wall, (time.process_time() - cpu_start) / (wall * torch.get_num_threads())
+
+
+def train_step_call(engines: EnginePair, x: torch.Tensor, noise: StepNoise,
+                    order: StepOrder = "algorithm1") -> Callable[[], object]:
+    """One `train_step` on fixed inputs, reading a loss so the step has finished."""
+    enc, gen = engines
+    return lambda: train_step(enc, gen, x, noise, WEIGHTS, order=order)["loss_g"].item()
 
 
 @dataclass
@@ -212,20 +224,20 @@ class StepTimes:
     cpu_share: list[float]
 
 
-def run_rounds(variants: dict[str, EnginePair], setup: Setup, warmup_steps: int,
-               steps: int) -> dict[str, StepTimes]:
-    """Warm-up rounds, then `steps` timed rounds; each round runs every variant once, in order."""
-    x, noise = step_inputs(setup.resolution_px, setup.batch_per_rank, SEED + 1)
-    times = {name: StepTimes([], []) for name in variants}
+def run_rounds(calls: dict[str, Callable[[], object]], warmup_steps: int, steps: int) -> dict[str, StepTimes]:
+    """Warm-up rounds, then `steps` timed rounds; each round runs every variant once, in order,
+    so a slow phase of the machine falls on all of them."""
+    times = {name: StepTimes([], []) for name in calls}
+    width = max(map(len, calls))
     for round_index in range(warmup_steps + steps):
         warm = round_index < warmup_steps
-        for name, engines in variants.items():
-            wall, share = timed_step(engines, x, noise)
+        for name, call in calls.items():
+            wall, share = timed_call(call)
             if not warm:
                 times[name].wall_s.append(wall)
                 times[name].cpu_share.append(share)
             label = f"warm-up {round_index + 1}" if warm else f"round {round_index - warmup_steps + 1}"
-            print(f"  {label:>10} {name:>5}: {wall:7.2f} s, cpu share {share:4.2f}", flush=True)
+            print(f"  {label:>10} {name:>{width}}: {wall:7.2f} s, cpu share {share:4.2f}", flush=True)
     return times
 
 
@@ -333,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     load_at_start = os.getloadavg()[0]
     print(header(command, setup, args, model_flops, executed_flops, variants, load_at_start), flush=True)
 
-    times = run_rounds(variants, setup, args.warmup_steps, args.steps)
+    x, noise = step_inputs(setup.resolution_px, setup.batch_per_rank, SEED + 1)
+    calls = {name: train_step_call(engines, x, noise) for name, engines in variants.items()}
+    times = run_rounds(calls, args.warmup_steps, args.steps)
     rounds, note = rounds_for_medians(times, args.min_cpu_share)
     results = summarise(times, rounds, setup.batch_per_rank, model_flops)
     print(note)

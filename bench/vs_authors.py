@@ -38,7 +38,6 @@ import os
 import shlex
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,11 +49,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conv_peak import peak_tflops  # noqa: E402
 from step_throughput import (  # noqa: E402
-    FLOP_COUNT_BATCH, LATENT_DIM, SEED, WEIGHTS, FlopCounter, Setup, build_networks, build_variant, count_step_flops_per_image,
-    cpu_model, step_inputs,
+    FLOP_COUNT_BATCH,
+    LATENT_DIM,
+    SEED,
+    WEIGHTS,
+    FlopCounter,
+    Setup,
+    build_networks,
+    build_variant,
+    count_step_flops_per_image,
+    cpu_model,
+    rounds_for_medians,
+    run_rounds,
+    step_inputs,
+    train_step_call,
 )
 
-from introvae_dist.algorithm import StepNoise, StepOrder, train_step  # noqa: E402
+from introvae_dist.algorithm import StepNoise, StepOrder  # noqa: E402
 from introvae_dist.distributed import world_from_env  # noqa: E402
 from introvae_dist.losses import kl_per_image  # noqa: E402
 
@@ -152,18 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(threads)
     peak = peak_tflops(torch.bfloat16)
     flops = {"authors": count_authors_flops_per_image(args.resolution_px)}
-    steps: dict[str, Callable[[torch.Tensor, StepNoise], object]] = {"authors": AuthorsStep(args.resolution_px)}
+    x, noise = step_inputs(args.resolution_px, args.batch, SEED + 1)
+    authors = AuthorsStep(args.resolution_px)
+    calls: dict[str, Callable[[], object]] = {"authors": lambda: authors(x, noise)}
     for v in variants:
         flops[v.name] = count_step_flops_per_image(args.resolution_px, checkpointing=False, order=v.order)
         setup = Setup(args.resolution_px, args.batch, 1, v.checkpointing)
-        enc, gen = build_variant(setup, v.precision, v.channels_last, v.fused_adam)  # type: ignore[arg-type]
-        fmt = torch.channels_last if v.channels_last else torch.contiguous_format
-
-        def ours(x: torch.Tensor, noise: StepNoise, enc=enc, gen=gen, fmt=fmt, order=v.order) -> object:
-            return train_step(enc, gen, x.contiguous(memory_format=fmt), noise, WEIGHTS, order=order)["loss_g"].item()
-
-        steps[v.name] = ours
-    x, noise = step_inputs(args.resolution_px, args.batch, SEED + 1)
+        engines = build_variant(setup, v.precision, v.channels_last, v.fused_adam)  # type: ignore[arg-type]
+        x_v = x.contiguous(memory_format=torch.channels_last if v.channels_last else torch.contiguous_format)
+        calls[v.name] = train_step_call(engines, x_v, noise, v.order)
     command = "python bench/vs_authors.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
     print(f"# {command.strip()}\n"
           f"# {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; torch {torch.__version__}; "
@@ -172,25 +180,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{peak:.3f} TFLOP/s (bench/conv_peak.py)\n"
           f"# model GFLOP per image per step: " + ", ".join(f"{k} {f / 1e9:.1f}" for k, f in flops.items()),
           flush=True)
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    shares: dict[str, list[float]] = {name: [] for name in steps}
-    for round_index in range(1 + args.steps):  # the first round warms up
-        for name, step in steps.items():
-            start, cpu_start = time.perf_counter(), time.process_time()
-            step(x, noise)
-            wall = time.perf_counter() - start
-            share = (time.process_time() - cpu_start) / (wall * torch.get_num_threads())
-            label = "warm-up" if round_index == 0 else f"round {round_index}"
-            print(f"  {label:>8} {name:>22}: {wall:7.2f} s, cpu share {share:.2f}", flush=True)
-            if round_index:
-                times[name].append(wall)
-                shares[name].append(share)
-    clean = [i for i in range(args.steps) if all(s[i] >= args.min_cpu_share for s in shares.values())]
-    if not clean:
-        print(f"# WARNING: every round had a variant with < {args.min_cpu_share} of the cores; medians of all rounds")
-        clean = list(range(args.steps))
-    print(f"# medians over {len(clean)} of {args.steps} rounds")
-    medians = {name: statistics.median(t[i] for i in clean) for name, t in times.items()}
+    times = run_rounds(calls, warmup_steps=1, steps=args.steps)
+    clean, note = rounds_for_medians(times, args.min_cpu_share)
+    print(note)
+    medians = {name: statistics.median(t.wall_s[i] for i in clean) for name, t in times.items()}
     print("| variant | s/step | images/s | vs authors | model TFLOP/s | MFU (bf16 peak) |")
     print("|---|---|---|---|---|---|")
     for name, median in medians.items():
