@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
 
-from introvae_dist.models import BatchNorm2d, Encoder, Generator, ResidualBlock, set_checkpointing, table3_widths
+from introvae_dist.models import (
+    BatchNorm2d,
+    Encoder,
+    Generator,
+    ResidualBlock,
+    set_checkpointing,
+    table3_widths,
+)
 
 # Table 3 (Appendix B), read row by row: (layer, output shape C x H x W).
 TABLE3_ENCODER = [
@@ -171,6 +180,43 @@ def test_checkpointed_encoder_segments_match_plain_gradients_and_statistics() ->
         torch.testing.assert_close(p_ckpt.grad, p_plain.grad)
     for b_plain, b_ckpt in zip(plain.buffers(), ckpt.buffers()):
         torch.testing.assert_close(b_ckpt, b_plain)  # running statistics advanced once
+
+
+def _largest_kept_activation_per_image(run: Callable[[], torch.Tensor], batch: int) -> int:
+    """Elements per image of the largest activation kept for the backward outside checkpoints
+    (tensors saved inside a checkpoint go to the checkpoint's own hooks, not this one)."""
+    sizes: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 4 and t.shape[0] == batch:  # activations, not weights
+            sizes.append(t[0].numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run().sum().backward()
+    return max(sizes)
+
+
+def test_segments_keep_no_activation_larger_than_the_image() -> None:
+    # What keeps memory down at 1024 px: E's stem and AvgPools, G's Upsamples and to-RGB run
+    # inside the checkpoints, so no full-width tensor at the image's side is kept: without
+    # them, the stem's output (8 x 16 x 16 here) and to-RGB's input would be.
+    batch, image = 5, 3 * 16 * 16
+    enc = Encoder(16, 4, (8, 16), "batch", checkpointing=True)
+    gen = Generator(16, 4, (8, 16), "batch", checkpointing=True)
+    x, z = torch.rand(batch, 3, 16, 16, requires_grad=True), torch.randn(batch, 4)
+    assert _largest_kept_activation_per_image(lambda: enc(x)[0], batch) <= image
+    assert _largest_kept_activation_per_image(lambda: gen(z), batch) <= image
+    set_checkpointing(enc, False)
+    set_checkpointing(gen, False)
+    assert _largest_kept_activation_per_image(lambda: enc(x)[0], batch) == 8 * 16 * 16  # the control
+    assert _largest_kept_activation_per_image(lambda: gen(z), batch) == 8 * 16 * 16
+
+
+def test_generator_runs_in_the_activation_layout_it_is_given() -> None:
+    gen = Generator(16, 4, (8, 16), "batch", checkpointing=False)
+    gen.activation_memory_format = torch.channels_last  # train.channels_last
+    assert gen(torch.randn(2, 4)).is_contiguous(memory_format=torch.channels_last)
 
 
 def test_bf16_weights_keep_fp32_running_statistics() -> None:
