@@ -11,6 +11,7 @@ resolved config and the checks of the input, then exits without starting any eng
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import sys
 from pathlib import Path
 
@@ -84,4 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # A rank that dies in native code (a segfault, an abort in a communication library) prints
+    # every thread's Python stack into its log first: the post-mortem of a weeks-long run.
+    faulthandler.enable(all_threads=True)
     sys.exit(main())

@@ -30,8 +30,13 @@ def free_port() -> int:
 
 
 def run(cmd: list[str], timeout_s: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run a launcher from the repo root with the package importable (plus ``env``)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(env or {})}
+    """Run a launcher from the repo root with the package importable (plus ``env``).
+
+    PYTHONFAULTHANDLER makes a process that dies of a native fault or abort print every
+    thread's Python stack to stderr, so a failing test's tail says where it died.
+    """
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1",
+           **(env or {})}
     env.pop("RANK", None), env.pop("WORLD_SIZE", None)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
 
