@@ -6,7 +6,8 @@ channels-last activations, batch 8, as plain modules (no DeepSpeed, no optimiser
 a training step that `torch.compile` (inductor, CPU C++ backend) could fuse, since convolutions
 stay in oneDNN either way and the rest (BatchNorm, LeakyReLU, residual adds, pooling,
 upsampling) is elementwise work. The first compiled call's time, compilation included, is
-printed separately. Rounds alternate eager and compiled after a warm-up; medians.
+printed separately. Rounds alternate eager and compiled after a warm-up (`step_throughput.run_rounds`);
+medians over the rounds in which both had the cores (`--min-cpu-share`).
 
 With `--profile`, instead: torch.profiler over one eager forward and backward, and the share of
 the CPU time spent in convolution kernels (forward and backward) against everything else,
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -31,13 +31,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from step_throughput import build_networks, step_inputs  # noqa: E402
+from step_throughput import (  # noqa: E402
+    build_networks,
+    median_wall_s,
+    rounds_for_medians,
+    run_rounds,
+    step_inputs,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--profile", action="store_true", help="profile eager instead of comparing")
+    parser.add_argument("--min-cpu-share", type=float, default=0.9,
+                        help="leave out rounds where a variant had less of the cores")
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     x, noise = step_inputs(128, 8, 1)
@@ -63,18 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# python bench/compile_modules.py {' '.join(sys.argv[1:] if argv is None else argv)}\n"
           f"# torch {torch.__version__}, {torch.get_num_threads()} threads; first compiled call (compiling): "
           f"{time.perf_counter() - start:.1f} s", flush=True)
-    fwd_bwd(*variants["eager"])
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.rounds):
-        for name, nets in variants.items():
-            start = time.perf_counter()
-            fwd_bwd(*nets)
-            times[name].append(time.perf_counter() - start)
-    eager = statistics.median(times["eager"])
+    calls = {name: (lambda nets=nets: fwd_bwd(*nets)) for name, nets in variants.items()}
+    times = run_rounds(calls, warmup_steps=1, steps=args.rounds)
+    rounds, note = rounds_for_medians(times, args.min_cpu_share)
+    print(note)
+    medians = median_wall_s(times, rounds)
     print("| variant | s per E+G forward and backward | vs eager |")
     print("|---|---|---|")
-    for name, t in times.items():
-        print(f"| {name} | {statistics.median(t):.3f} | {eager / statistics.median(t):.2f}x |")
+    for name, median in medians.items():
+        print(f"| {name} | {median:.3f} | {medians['eager'] / median:.2f}x |")
     return 0
 
 

@@ -5,7 +5,8 @@ per rank and calls the client optimiser (`engine.build_engine`'s torch Adam) on 
 step. This times exactly that call, on one flat fp32 tensor per network of the 128 preset's
 parameter count (E and G of Table 3 at 128 px, latent 256) with a gradient attached, for
 `foreach` (torch's default on CPU tensors) and `fused` (`encoder/generator.fused_adam`).
-Rounds alternate the variants after a warm-up step each; medians.
+Rounds alternate the variants after a warm-up step each (`step_throughput.run_rounds`); medians
+over the rounds in which both had the cores (`--min-cpu-share`).
 
     python bench/optimizer_step.py
 """
@@ -14,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,12 +23,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from step_throughput import build_networks  # noqa: E402
+from step_throughput import (  # noqa: E402
+    build_networks,
+    median_wall_s,
+    rounds_for_medians,
+    run_rounds,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--min-cpu-share", type=float, default=0.9,
+                        help="leave out rounds where a variant had less of the cores")
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     sizes = [sum(p.numel() for p in net.parameters()) for net in build_networks(128, checkpointing=False)]
@@ -41,20 +47,17 @@ def main(argv: list[str] | None = None) -> int:
         optimizer = torch.optim.Adam(flats, lr=2e-4, **kwargs)
         optimizer.step()  # warm-up: creates the moments
         variants[name] = optimizer
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.rounds):
-        for name, optimizer in variants.items():
-            start = time.perf_counter()
-            optimizer.step()
-            times[name].append(time.perf_counter() - start)
+    times = run_rounds({name: opt.step for name, opt in variants.items()}, warmup_steps=0, steps=args.rounds)
+    rounds, note = rounds_for_medians(times, args.min_cpu_share)
     print(f"# python bench/optimizer_step.py {' '.join(sys.argv[1:] if argv is None else argv)}\n"
           f"# torch {torch.__version__}, {torch.get_num_threads()} threads; flat fp32 partitions of "
           f"{sizes[0] / 1e6:.1f} M (E) and {sizes[1] / 1e6:.1f} M (G) parameters, {args.rounds} rounds")
-    reference = statistics.median(times["foreach"])
+    print(note)
+    medians = median_wall_s(times, rounds)
     print("| Adam kernel | ms per step (E + G) | vs foreach |")
     print("|---|---|---|")
-    for name, t in times.items():
-        print(f"| {name} | {1000 * statistics.median(t):.1f} | {reference / statistics.median(t):.2f}x |")
+    for name, median in medians.items():
+        print(f"| {name} | {1000 * median:.1f} | {medians['foreach'] / median:.2f}x |")
     return 0
 
 

@@ -247,9 +247,14 @@ def clean_rounds(times: dict[str, StepTimes], min_cpu_share: float) -> list[int]
     return [i for i in range(rounds) if all(t.cpu_share[i] >= min_cpu_share for t in times.values())]
 
 
+def median_wall_s(times: dict[str, StepTimes], rounds: list[int]) -> dict[str, float]:
+    """Each variant's median wall seconds over the timed rounds `rounds`."""
+    return {name: statistics.median(t.wall_s[i] for i in rounds) for name, t in times.items()}
+
+
 def summarise(times: dict[str, StepTimes], rounds: list[int], batch: int, model_flops_per_image: float) -> list[Result]:
     """Medians over `rounds` per variant, and the figures derived from them."""
-    medians = {name: statistics.median(t.wall_s[i] for i in rounds) for name, t in times.items()}
+    medians = median_wall_s(times, rounds)
     reference = medians[REFERENCE]
     return [
         Result(variant=name, step_s=t.wall_s, cpu_share=t.cpu_share, rounds_used=rounds,

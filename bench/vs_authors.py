@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,6 +58,7 @@ from step_throughput import (  # noqa: E402
     build_variant,
     count_step_flops_per_image,
     cpu_model,
+    median_wall_s,
     rounds_for_medians,
     run_rounds,
     step_inputs,
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     times = run_rounds(calls, warmup_steps=1, steps=args.steps)
     clean, note = rounds_for_medians(times, args.min_cpu_share)
     print(note)
-    medians = {name: statistics.median(t.wall_s[i] for i in clean) for name, t in times.items()}
+    medians = median_wall_s(times, clean)
     print("| variant | s/step | images/s | vs authors | model TFLOP/s | MFU (bf16 peak) |")
     print("|---|---|---|---|---|---|")
     for name, median in medians.items():
