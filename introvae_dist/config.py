@@ -8,6 +8,7 @@ rejected with the file and the dotted key named.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -74,9 +75,9 @@ class LossConfig:
     warmup_images: int = 0
 
     def validate(self) -> None:
-        for name in ("alpha", "beta", "margin", "l_ae_factor", "warmup_images"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"loss.{name}={getattr(self, name)}: expected a value >= 0")
+        for name in ("alpha", "beta", "margin", "warmup_images"):
+            _at_least_zero(f"loss.{name}", getattr(self, name))
+        _positive("loss.l_ae_factor", self.l_ae_factor)
 
 
 @dataclass
@@ -92,14 +93,25 @@ class EngineConfig:
     #: torch's fused Adam kernel: one pass over the fp32 master weights instead of several
     #: (docs/BENCHMARKS.md, issue 7). Same update, same state.
     fused_adam: bool = True
+    #: Clip this network's gradient to this global L2 norm before its Adam step (0: off).
+    #: Off as in the paper; DeepSpeed would clip to 1.0 unless told (docs/DEEPSPEED.md).
+    grad_clip_norm: float = 0.0
+    #: Under bf16, the dtype in which gradients are summed over ranks: "fp32" rounds the sum
+    #: to bf16 once, "bf16" (DeepSpeed's default) at every addition but sends half the bytes.
+    #: fp32 precision always reduces in fp32 (docs/DEEPSPEED.md).
+    grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
 
     def validate(self, section: str) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"{section}.zero_stage={self.zero_stage}: expected 0, 1, 2 or 3")
-        if self.lr <= 0:
-            raise ConfigError(f"{section}.lr={self.lr}: expected a positive learning rate")
+        _positive(f"{section}.lr", self.lr)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"{section}.betas={self.betas}: expected two values in [0, 1)")
+        _positive(f"{section}.adam_eps", self.adam_eps)
+        _at_least_zero(f"{section}.grad_clip_norm", self.grad_clip_norm, "0 turns it off")
+        if self.grad_reduce_dtype == "bf16" and self.precision == "fp32":
+            raise ConfigError(f"{section}.grad_reduce_dtype=bf16 with {section}.precision=fp32: fp32 "
+                              "gradients are reduced in fp32; set precision to bf16 or drop the key")
 
 
 @dataclass
@@ -126,8 +138,7 @@ class DataConfig:
     def validate(self) -> None:
         if not self.shards.strip():
             raise ConfigError("data.shards is empty: expected a shard folder, pattern or URL")
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers={self.num_workers}: expected >= 0")
+        _at_least_zero("data.num_workers", self.num_workers)
         _positive("data.shuffle_buffer", self.shuffle_buffer)
 
 
@@ -164,8 +175,9 @@ class TrainConfig:
                      "save_every_steps", "grid_images", "keep_last_checkpoints"):
             _positive(f"train.{name}", getattr(self, name))
         for name in ("save_every_minutes", "keep_every_steps"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name}={getattr(self, name)}: expected a value >= 0 (0 turns it off)")
+            _at_least_zero(f"train.{name}", getattr(self, name), "0 turns it off")
+        if not 0 <= self.seed < 2**32:  # NumPy's seeds are 32-bit
+            raise ConfigError(f"train.seed={self.seed}: expected an integer in [0, 2**32)")
 
 
 @dataclass
@@ -194,8 +206,7 @@ class EvalConfig:
     batch_per_rank: int = 32
 
     def validate(self) -> None:
-        if self.every_steps < 0:
-            raise ConfigError(f"eval.every_steps={self.every_steps}: expected >= 0 (0 turns it off)")
+        _at_least_zero("eval.every_steps", self.every_steps, "0 turns it off")
         for name in ("num_images", "ms_ssim_pairs", "num_real", "num_heldout", "batch_per_rank"):
             _positive(f"eval.{name}", getattr(self, name))
         if not self.metrics:
@@ -239,6 +250,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> None:
+        _check_finite(self)
         self.model.validate()
         self.loss.validate()
         self.encoder.validate("encoder")
@@ -250,8 +262,26 @@ class Config:
 
 
 def _positive(key: str, value: float) -> None:
-    if value <= 0:
+    if not value > 0:  # written so that NaN fails too
         raise ConfigError(f"{key}={value}: expected a positive value")
+
+
+def _at_least_zero(key: str, value: float, meaning: str = "") -> None:
+    if not value >= 0:  # written so that NaN fails too
+        raise ConfigError(f"{key}={value}: expected a value >= 0" + (f" ({meaning})" if meaning else ""))
+
+
+def _check_finite(cfg: Config) -> None:
+    """Every float of every section is a finite number: NaN or inf would pass a range check
+    written as `value < 0` and surface later, deep inside Adam or the loss."""
+    for section in dataclasses.fields(cfg):
+        part = getattr(cfg, section.name)
+        for f in dataclasses.fields(part):
+            value = getattr(part, f.name)
+            values = value if isinstance(value, list) else [value]
+            for v in values:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"{section.name}.{f.name}={value}: expected a finite number")
 
 
 def _type_name(tp: Any) -> str:
@@ -337,7 +367,10 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not a text file (expected UTF-8 YAML; byte {e.start} is "
+                              f"{e.object[e.start:e.start + 1]!r})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if loaded is not None and not isinstance(loaded, dict):

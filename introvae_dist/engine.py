@@ -28,7 +28,7 @@ logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 import deepspeed  # noqa: E402  (after the logger level, which its import reads)
 from deepspeed.runtime.engine import DeepSpeedEngine  # noqa: E402
 from deepspeed.runtime.utils import register_output_backward_hooks  # noqa: E402
-from deepspeed.utils import safe_get_full_grad  # noqa: E402
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
 
 
 def init_distributed(timeout_s: float = 600.0) -> None:
@@ -72,14 +72,32 @@ def _unlink_shm_allreduce_buffer() -> None:
 def deepspeed_config(cfg: EngineConfig, batch_per_rank: int, world_size: int,
                      load_universal: bool = False) -> dict[str, Any]:
     """The DeepSpeed config dict of one engine; ``load_universal`` to resume from a universal
-    checkpoint (written by another world size, see :func:`convert_to_universal`)."""
+    checkpoint (written by another world size, see :func:`convert_to_universal`).
+
+    Every key that changes the arithmetic of a step is set here rather than left to
+    DeepSpeed's defaults; docs/DEEPSPEED.md lists each default, our value and why.
+    """
+    bf16 = cfg.precision == "bf16"
     return {
         "checkpoint": {"load_universal": load_universal},
         "train_micro_batch_size_per_gpu": batch_per_rank,
         "gradient_accumulation_steps": 1,
         "train_batch_size": batch_per_rank * world_size,
         "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": cfg.precision == "bf16"},
+        # DeepSpeed skips a bf16 step whose gradients hold inf/NaN (check_grad_overflow, on by
+        # default): silently, and in one engine but not the other. bf16 has fp32's range, so
+        # such a gradient is a divergence: let it show in the next loss, which stops the run
+        # (exit 3) as it does in fp32.
+        "bf16": {"enabled": bf16, "check_grad_overflow": False},
+        # DeepSpeed clips every gradient to norm 1.0 unless told (GRADIENT_CLIPPING_DEFAULT in
+        # deepspeed/runtime/constants.py); the paper does not clip.
+        "gradient_clipping": cfg.grad_clip_norm,
+        # The mean over ranks of each rank's batch-mean gradient is the gradient of the global
+        # batch mean (losses.py): sum, then divide once by the world size.
+        "prescale_gradients": False,
+        "gradient_predivide_factor": 1.0,
+        # DeepSpeed's default sums bf16 gradients over ranks in bf16.
+        "communication_data_type": cfg.grad_reduce_dtype if bf16 else "fp32",
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -161,6 +179,17 @@ def convert_to_universal(folder: Path, tag: str, out_folder: Path) -> None:
 def full_grad(param: nn.Parameter) -> torch.Tensor | None:
     """The whole fp32 gradient of `param`, gathered from ZeRO partitions (a collective)."""
     return safe_get_full_grad(param)
+
+
+def full_fp32_params(engine: DeepSpeedEngine) -> dict[str, torch.Tensor]:
+    """Every weight of the engine's module in full, as the optimiser holds it: the fp32 master
+    copy gathered from all ZeRO partitions (a collective: every rank must call this), or the
+    weight itself without ZeRO and bf16."""
+    out = {}
+    for name, param in engine.module.named_parameters():
+        master = safe_get_full_fp32_param(param)
+        out[name] = (master if master is not None else param.detach()).float().cpu().clone()
+    return out
 
 
 def save_engine(engine: DeepSpeedEngine, folder: Path, tag: str, client_state: dict[str, Any]) -> None:
