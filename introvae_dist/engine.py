@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from introvae_dist import peer_failure
 from introvae_dist.config import EngineConfig
 
 # DeepSpeed logs every engine's whole config at INFO; keep the training log readable.
@@ -37,6 +38,7 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     The backend follows the accelerator: NCCL on GPUs, gloo on CPU.
     """
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s), verbose=False)
+    peer_failure.start_watching()
     _unlink_shm_allreduce_buffer()
 
 
@@ -48,6 +50,7 @@ def shutdown_distributed() -> None:
     parameters keep references to the groups (measured: the gloo threads are all still there
     after it), so those end with the process.
     """
+    peer_failure.stop_watching()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -18,6 +18,7 @@ from pathlib import Path
 # Run from a checkout without installing: make the package importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from introvae_dist import peer_failure  # noqa: E402
 from introvae_dist.config import ConfigError, dump_config, load_config  # noqa: E402
 from introvae_dist.data.shard_set import DataError  # noqa: E402
 from introvae_dist.distributed import world_from_env  # noqa: E402
@@ -69,11 +70,18 @@ def main(argv: list[str] | None = None) -> int:
             stopped_by = trainer.train()
         shutdown_distributed()  # every rank got here: the last collective is behind us
     except (DataError, CheckpointError, ConfigError) as e:  # shards or checkpoints failing their checksums
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        # The other ranks may wait in a collective. The last line is the error itself (a loader
+        # worker's error comes with its traceback in the message).
+        peer_failure.report(EXIT_BAD_INPUT, str(e).strip().splitlines()[-1])
         return EXIT_BAD_INPUT
-    except NonFiniteLoss as e:
+    except NonFiniteLoss as e:  # every rank sees the same reduced loss and stops at the same step
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NON_FINITE
+    except BaseException as e:
+        # Anything else (a bug, a dead disk): peers must not wait in a collective for this rank.
+        peer_failure.report(1, f"{type(e).__name__}: {e}")
+        raise
     if stopped_by is not None:
         if world.is_main:
             print(f"stopped by {stopped_by} at step {trainer.step} after a complete checkpoint; "

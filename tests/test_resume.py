@@ -147,12 +147,17 @@ def _wait_for_steps(run_dir: Path, steps: int, proc: subprocess.Popen[str], time
     raise AssertionError(f"no {steps} steps within {timeout_s} s")
 
 
-def _rank_pids(launcher_pid: int) -> list[int]:
-    """The training processes under the deepspeed launcher (not their DataLoader workers)."""
+def _launch_process(runner_pid: int):  # type: ignore[no-untyped-def]
+    """The `deepspeed.launcher.launch` process that the `deepspeed` runner starts on a node."""
     import psutil
 
-    launch = [p for p in psutil.Process(launcher_pid).children(recursive=True) if "deepspeed.launcher.launch" in " ".join(p.cmdline())]
-    return [p.pid for p in launch[0].children()]
+    return next(p for p in psutil.Process(runner_pid).children(recursive=True)
+                if "deepspeed.launcher.launch" in " ".join(p.cmdline()))
+
+
+def _rank_pids(runner_pid: int) -> list[int]:
+    """The training processes under the deepspeed launcher (not their DataLoader workers)."""
+    return [p.pid for p in _launch_process(runner_pid).children()]
 
 
 def test_sigusr1_mid_run_saves_a_complete_checkpoint_and_exits_75(tiny_shards: Path, tmp_path: Path) -> None:
@@ -170,6 +175,23 @@ def test_sigusr1_mid_run_saves_a_complete_checkpoint_and_exits_75(tiny_shards: P
     again = _two_ranks(tiny_shards, tmp_path, last + 2, "train.save_every_steps=100000")
     assert again.returncode == 0, tail(again)
     _assert_continuous(run_dir, last + 2)
+
+
+def test_sigterm_to_deepspeeds_launch_process_saves_and_ranks_exit_75_but_the_command_exits_1(
+        tiny_shards: Path, tmp_path: Path) -> None:
+    """What docs/CHECKPOINTS.md says of the deepspeed launcher: its launch process forwards
+    SIGTERM, every rank saves and exits 75, and launch.py itself then exits 1 (its
+    sigkill_handler), which the `deepspeed` command passes on."""
+    run_dir = tmp_path / "cpu-synthetic"
+    proc = _launch(deepspeed_cmd(2, *_args(tiny_shards, tmp_path, 100_000, "train.save_every_steps=100000")))
+    _wait_for_steps(run_dir, 3, proc)
+    _launch_process(proc.pid).send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out[-4000:]
+    last = _records(run_dir)[-1]["step"]
+    assert f"stopped by SIGTERM at step {last} after a complete checkpoint" in out, out[-4000:]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{last:08d}"
+    assert (_step_dir(run_dir, last) / "MANIFEST.json").is_file()
 
 
 def test_sigkill_of_one_rank_ends_the_other_within_the_timeout(tiny_shards: Path, tmp_path: Path) -> None:

@@ -189,3 +189,41 @@ def test_damaged_shards_are_skipped_and_counted_in_the_training_log(tmp_path: Pa
     assert [r["step"] for r in records] == list(range(1, 7))
     assert records[-1]["data_samples_skipped"] >= 1 and records[-1]["data_shards_damaged"] >= 1
     assert "samples skipped" in proc.stdout + proc.stderr
+
+
+def _undecodable_after_the_first_shard(out: Path) -> Path:
+    """4 shards of 100 samples: the first holds good 16 px PNGs (so the grid's fixed images
+    load), the other three nothing but bytes that are no image, so a loader stream that reads
+    one of them meets 100 undecodable samples in a row (a DataError in its worker)."""
+    from introvae_dist.data.shard_writer import write_shards
+    from introvae_dist.data.synthetic import encode_png, render_image
+
+    samples = [(f"{i:08d}", encode_png(render_image(i, 16)), "png") if i < 100
+               else (f"{i:08d}", b"\xff\xd8\xff\xe0 not a jpeg", "jpg") for i in range(400)]
+    write_shards(samples, out, "bad", samples_per_shard=100)
+    return out
+
+
+@pytest.mark.slow
+def test_a_data_error_on_one_rank_ends_every_rank_with_exit_2_within_seconds(tmp_path: Path) -> None:
+    """Before issue 13 this job hung for good: rank 1's loader worker raised, rank 1 waited on
+    that worker at exit, and rank 0 waited in the step's all-reduce. Nothing is killed here:
+    the subprocess timeout only bounds a regression."""
+    shards = _undecodable_after_the_first_shard(tmp_path / "shards")
+    proc = run(deepspeed_cmd(2, "launchers/train.py", "--config", "configs/cpu_synthetic.yaml",
+                             *_overrides(shards, tmp_path / "runs", 50, "data.verify=none")), timeout_s=180)
+    assert proc.returncode == 2, tail(proc)
+    out = proc.stdout + proc.stderr
+    assert "samples in a row failed to decode" in out, tail(proc)
+    failed = out.split("stopped the run (exit 2): ", 1)
+    assert len(failed) == 2 and "failed to decode" in failed[1].splitlines()[0], tail(proc)
+    assert "stops too" in out, tail(proc)
+    assert not list((_only_run(tmp_path / "runs") / "checkpoints").glob("step_*"))
+
+
+def test_a_data_error_in_one_process_exits_2(tmp_path: Path) -> None:
+    shards = _undecodable_after_the_first_shard(tmp_path / "shards")
+    proc = run([sys.executable, "launchers/train.py", "--config", "configs/cpu_synthetic.yaml",
+                *_overrides(shards, tmp_path / "runs", 50, "data.verify=none", "data.num_workers=2")], timeout_s=120)
+    assert proc.returncode == 2, tail(proc)
+    assert "samples in a row failed to decode" in proc.stderr, tail(proc)

@@ -341,11 +341,24 @@ class TrainStream:
 
         Needed on every exit path: the workers ignore SIGTERM (see :func:`_ignore_stop_signals`),
         so the interpreter's exit handler, which terminates its children with SIGTERM and then
-        joins them, would wait forever. Dropping the iterators makes the DataLoader shut its
-        workers down through their queues instead.
+        joins them, would wait forever. Dropping the iterator is not enough: when a worker's
+        error is what ends the run, that error's traceback still holds the iterator, so the
+        DataLoader never shuts its workers down (seen: a DataError in a worker hung the job for
+        good). So the workers are shut down here through their queues, as the DataLoader
+        does, and any still alive after that are killed; they hold nothing worth keeping.
         """
-        self._batches = None
+        batches, self._batches = self._batches, None
         self.loader = None  # type: ignore[assignment]  # also drops its persistent-workers iterator
+        # `_workers` and `_shutdown_workers` are the DataLoader iterator's own (private) names;
+        # a torch without them leaves only the kill below undone.
+        workers = list(getattr(batches, "_workers", ()))
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5)
 
     def stats(self) -> dict[str, int]:
         """Read counts summed over this rank's workers, cumulative since the run began."""
