@@ -39,11 +39,13 @@ from introvae_dist.weights import (
     FORMAT,
     META_FORMAT,
     META_IMAGES_SEEN,
+    META_SHA256,
     META_MODEL,
     META_STEP,
     PREFIXES,
     ExportedModelConfig,
     build_models,
+    tensors_sha256,
 )
 
 #: The DeepSpeed checkpoint tag the trainer saves under (``encoder/ds/``, ``generator/ds/``).
@@ -109,6 +111,7 @@ def export_checkpoint(step_folder: Path, out: Path, *, overwrite: bool = False) 
             META_MODEL: model.to_json(),
             META_STEP: str(state["step"]),
             META_IMAGES_SEEN: str(state["images_seen"]),
+            META_SHA256: tensors_sha256(tensors),
         }
         from safetensors.torch import save
 

@@ -17,13 +17,19 @@ The file (written by :func:`introvae_dist.export.export_checkpoint`):
   parameters and BatchNorm running statistics, fp32 (``num_batches_tracked``: int64);
 - metadata (strings): ``introvae_dist.format`` = :data:`FORMAT`; ``introvae_dist.model``, the
   JSON of the model section with the widths resolved (resolution_px, latent_dim, widths, norm,
-  checkpoint_blocks); ``introvae_dist.step`` and ``introvae_dist.images_seen`` of the checkpoint.
+  checkpoint_blocks); ``introvae_dist.step`` and ``introvae_dist.images_seen`` of the checkpoint;
+  ``introvae_dist.tensors_sha256``, :func:`tensors_sha256` of all the tensors, checked on every
+  load (safetensors itself checks the header, not the data: a flipped byte inside a tensor
+  would load as a wrong weight, or a NaN). Files written before it was added load unchecked,
+  with a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,6 +44,7 @@ META_FORMAT = "introvae_dist.format"
 META_MODEL = "introvae_dist.model"
 META_STEP = "introvae_dist.step"
 META_IMAGES_SEEN = "introvae_dist.images_seen"
+META_SHA256 = "introvae_dist.tensors_sha256"
 #: Tensor name prefix of each network, in file order.
 PREFIXES = {"encoder": "encoder.", "generator": "generator."}
 _NORMS = ("batch", "group", "none")
@@ -125,8 +132,10 @@ def load_exported(
     """
     path = Path(path)
     with _open(path) as f:
-        info = _info(path, f.metadata() or {})
+        metadata = f.metadata() or {}
+        info = _info(path, metadata)
         state = {name: f.get_tensor(name) for name in f.keys()}
+    _check_sha256(path, state, metadata.get(META_SHA256))
     encoder, generator = build_models(info.model)
     unexpected = [name for name in state if not name.startswith(tuple(PREFIXES.values()))]
     if unexpected:
@@ -145,7 +154,29 @@ def load_exported(
     return encoder, generator, info.model
 
 
+def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        # Flattened first: a 0-dim tensor (num_batches_tracked) cannot be viewed as bytes.
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 # --- helpers ---------------------------------------------------------------------------------
+
+def _check_sha256(path: Path, state: dict[str, torch.Tensor], recorded: str | None) -> None:
+    if recorded is None:
+        warnings.warn(f"{path}: no {META_SHA256} in its metadata (exported by an older version): "
+                      "its tensors cannot be checked", stacklevel=3)
+        return
+    actual = tensors_sha256(state)
+    if actual != recorded:
+        raise WeightsError(f"{path}: its tensors do not match the checksum in its metadata ({META_SHA256} "
+                           f"{recorded[:16]}..., the data gives {actual[:16]}...): the file is damaged. "
+                           "Export it again from its checkpoint")
 
 def _open(path: Path):  # -> safetensors' safe_open handle (a context manager)
     if not path.exists():

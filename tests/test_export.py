@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 from conftest import deepspeed_cmd, run, tail
 from introvae_dist.cli import main
 from introvae_dist.weights import (
-    FORMAT, META_FORMAT, META_IMAGES_SEEN, META_MODEL, META_STEP, ExportedModelConfig, WeightsError, build_models,
-    load_exported, read_info,
+    FORMAT, META_FORMAT, META_IMAGES_SEEN, META_MODEL, META_SHA256, META_STEP, ExportedModelConfig, WeightsError,
+    build_models, load_exported, read_info, tensors_sha256,
 )
 
 STEPS = 4
@@ -301,7 +301,8 @@ def _write_weights(path: Path, drop: str | None = None, **metadata: str) -> None
     tensors = {f"{prefix}.{k}": v.clone() for prefix, net in (("encoder", encoder), ("generator", generator))
                for k, v in net.state_dict().items()}
     tensors.pop(drop or "", None)
-    meta = {META_FORMAT: FORMAT, META_MODEL: model.to_json(), META_STEP: "7", META_IMAGES_SEEN: "28", **metadata}
+    meta = {META_FORMAT: FORMAT, META_MODEL: model.to_json(), META_STEP: "7", META_IMAGES_SEEN: "28",
+            META_SHA256: tensors_sha256(tensors), **metadata}
     save_file(tensors, str(path), metadata={k: v for k, v in meta.items() if v})
 
 
@@ -337,6 +338,44 @@ def test_weights_errors_name_the_file(tmp_path: Path, case: str, message: str) -
         load_exported(path)
     assert isinstance(error.value, ValueError)
     assert str(error.value).startswith(f"{path}: ") and message in str(error.value), error.value
+
+
+def _flip_bytes_inside(path: Path, tensor: str, count: int = 4) -> None:
+    """Overwrite `count` bytes in the middle of `tensor`'s data with 0xff (an fp32 NaN), in
+    place, leaving the safetensors header as it is."""
+    raw = bytearray(path.read_bytes())
+    header_len = int.from_bytes(raw[:8], "little")
+    begin, end = json.loads(raw[8:8 + header_len])[tensor]["data_offsets"]
+    at = 8 + header_len + (begin + end) // 2 // 4 * 4
+    raw[at:at + count] = b"\xff" * count
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.slow
+def test_an_export_with_flipped_bytes_inside_a_tensor_is_refused(fp32_export: Path, tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged.safetensors"
+    shutil.copyfile(fp32_export, damaged)
+    _flip_bytes_inside(damaged, "generator.features.to_rgb.weight")
+    with pytest.raises(WeightsError, match=rf"{damaged}: its tensors do not match the checksum in its "
+                                           r"metadata \(introvae_dist.tensors_sha256 [0-9a-f]{16}\.\.\., "):
+        load_exported(damaged)
+    assert "the file is damaged. Export it again" in str(_error_of(damaged))
+    load_exported(fp32_export)  # the original still loads
+
+
+def _error_of(path: Path) -> Exception:
+    try:
+        load_exported(path)
+    except WeightsError as e:
+        return e
+    raise AssertionError(f"{path} loaded")
+
+
+def test_an_export_without_a_checksum_loads_with_a_warning(tmp_path: Path) -> None:
+    path = tmp_path / "old.safetensors"
+    _write_weights(path, **{META_SHA256: ""})  # as written before the checksum existed
+    with pytest.warns(UserWarning, match="no introvae_dist.tensors_sha256 in its metadata"):
+        load_exported(path)
 
 
 def test_weights_module_imports_no_training_dependencies() -> None:
