@@ -153,6 +153,8 @@ class Survey:
     with_manifest: list[tuple[int, Path]] = field(default_factory=list)
     #: Step folders without a manifest: saves that never finished.
     incomplete: list[Path] = field(default_factory=list)
+    #: Step folders renamed ``step_N.set-aside-TIME`` (damaged, or in the way of a save), oldest first.
+    set_aside: list[Path] = field(default_factory=list)
     #: Anything else: left alone, named in a warning.
     foreign: list[Path] = field(default_factory=list)
 
@@ -171,15 +173,27 @@ def survey(checkpoints_dir: Path) -> Survey:
                 result.with_manifest.append((step, path))
             else:
                 result.incomplete.append(path)
-        elif path.name not in _OWN_NAMES and ".set-aside-" not in path.name:
+        elif _set_aside_time(path.name) is not None and path.is_dir():
+            result.set_aside.append(path)
+        elif path.name not in _OWN_NAMES:
             result.foreign.append(path)
     result.with_manifest.sort(key=lambda item: item[0], reverse=True)
+    result.set_aside.sort(key=lambda p: (_set_aside_time(p.name), p.name))
     return result
+
+
+_SET_ASIDE = ".set-aside-"
+
+
+def _set_aside_time(name: str) -> int | None:
+    """The time (s since the epoch) in a name ``step_N.set-aside-TIME``, or None."""
+    step, sep, when = name.partition(_SET_ASIDE)
+    return int(when) if sep and parse_step(step) is not None and when.isdigit() else None
 
 
 def set_aside(path: Path) -> Path:
     """Rename ``path`` out of the way instead of deleting it (nothing a user made is lost)."""
-    target = path.with_name(f"{path.name}.set-aside-{int(time.time())}")
+    target = path.with_name(f"{path.name}{_SET_ASIDE}{int(time.time())}")
     path.rename(target)
     fsync_dir(path.parent)
     return target
@@ -194,6 +208,11 @@ def retention_victims(steps: list[int], keep_last: int, keep_every_steps: int, p
     newest = sorted(steps, reverse=True)[:keep_last]
     keep = set(newest) | protected | {s for s in steps if keep_every_steps and s % keep_every_steps == 0}
     return sorted(s for s in steps if s not in keep)
+
+
+def set_aside_victims(set_aside: list[Path], keep: int) -> list[Path]:
+    """Set-aside folders (oldest first, as `survey` lists them) beyond the newest ``keep``."""
+    return set_aside[:max(len(set_aside) - keep, 0)]
 
 
 def delete_checkpoint(folder: Path) -> None:

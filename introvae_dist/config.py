@@ -160,6 +160,9 @@ class TrainConfig:
     keep_last_checkpoints: int = 3
     #: Checkpoints whose step is a multiple of this are kept for good (0: none).
     keep_every_steps: int = 0
+    #: Folders set aside (``step_N.set-aside-TIME``: a damaged checkpoint, or a killed save in
+    #: the way of a new one) kept for inspection; older ones are deleted after each save.
+    keep_set_aside_checkpoints: int = 2
     #: Images per row kind (real | reconstruction | sample) in a sample grid.
     grid_images: int = 8
     #: "algorithm1": the paper's Algorithm 1. "shared_encoder": the fast path, one encoder
@@ -174,6 +177,7 @@ class TrainConfig:
         for name in ("batch_global", "total_steps", "log_every_steps", "sample_every_steps",
                      "save_every_steps", "grid_images", "keep_last_checkpoints"):
             _positive(f"train.{name}", getattr(self, name))
+        _at_least_zero("train.keep_set_aside_checkpoints", self.keep_set_aside_checkpoints)
         for name in ("save_every_minutes", "keep_every_steps"):
             _at_least_zero(f"train.{name}", getattr(self, name), "0 turns it off")
         if not 0 <= self.seed < 2**32:  # NumPy's seeds are 32-bit

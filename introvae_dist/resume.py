@@ -81,8 +81,26 @@ def plan_resume(run_dir: Path, resume: str, current_config: dict[str, Any]) -> R
         _refuse_mixing_runs(Path(resume), candidates, own.with_manifest, run_dir)
     if not candidates:
         return ResumePlan(run_dir, warnings=tuple(warnings))
-    changes = check_config(candidates[0], current_config)
+    try:
+        changes = check_config(candidates[0], current_config)
+    except ConfigError as e:
+        raise ConfigError(f"{e}{_older_match_hint(candidates, current_config)}") from None
     return ResumePlan(run_dir, tuple(candidates), explicit_step, tuple(changes), tuple(warnings))
+
+
+def _older_match_hint(candidates: list[Path], current_config: dict[str, Any]) -> str:
+    """When the newest checkpoint holds another config, name the newest older one that fits
+    this config and the folders to move away to resume from it (a run is never resumed from
+    behind the user's back, nor are their checkpoints deleted)."""
+    for i, folder in enumerate(candidates[1:], start=1):
+        try:
+            check_config(folder, current_config)
+        except ConfigError:
+            continue
+        newer = ", ".join(str(p) for p in candidates[:i])
+        return (f". {folder} fits this config: to resume from it, move {newer} out of {folder.parent} "
+                "and run again")
+    return ""
 
 
 def check_config(folder: Path, current_config: dict[str, Any]) -> list[str]:

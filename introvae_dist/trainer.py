@@ -27,7 +27,7 @@ from introvae_dist.algorithm import METRIC_NAMES, StepNoise, train_step
 from introvae_dist.checkpoint import (
     CHECKPOINTS_DIR, ENGINE_DIRS, ENGINE_TAG, TRAINER_STATE_NAME, UNIVERSAL_DIR, CheckpointError, check_files,
     delete_checkpoint, describe_files, list_files, parse_step, rank_state_path, read_manifest, read_trainer_state,
-    retention_victims, set_aside, step_folder_name, survey, write_latest, write_manifest,
+    retention_victims, set_aside, set_aside_victims, step_folder_name, survey, write_latest, write_manifest,
 )
 from introvae_dist.config import Config, ConfigError, config_to_dict, dump_config
 from introvae_dist.data.decode import to_unit_float
@@ -514,13 +514,20 @@ class Trainer:
         """Rank 0, after a save: keep the newest train.keep_last_checkpoints, the multiples of
         train.keep_every_steps and the checkpoint this run resumed from; delete the rest."""
         t = self.cfg.train
-        complete = {step: folder for step, folder in survey(self.ckpt_dir).with_manifest}
+        found = survey(self.ckpt_dir)
+        complete = {step: folder for step, folder in found.with_manifest}
         protected = {parse_step(self.resumed_from.name)} if self.resumed_from is not None else set()
         for step in retention_victims(list(complete), t.keep_last_checkpoints, t.keep_every_steps, protected):  # type: ignore[arg-type]
             delete_checkpoint(complete[step])
             universal = self.ckpt_dir / UNIVERSAL_DIR / complete[step].name
             if universal.is_dir():
                 shutil.rmtree(universal)
+        # Set-aside folders (killed or damaged saves, several GB each at 1024 px) are kept for a
+        # look, but not for ever.
+        for folder in set_aside_victims(found.set_aside, t.keep_set_aside_checkpoints):
+            shutil.rmtree(folder)
+            print(f"deleted {folder}, set aside earlier (train.keep_set_aside_checkpoints="
+                  f"{t.keep_set_aside_checkpoints} keeps the newest)", flush=True)
 
 
 def _inject_fault(name: str, step: int, world: World) -> None:

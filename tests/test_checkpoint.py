@@ -16,11 +16,11 @@ from introvae_dist.config import ConfigError, config_to_dict, load_config
 from introvae_dist.resume import plan_resume, trim_metrics
 
 
-def _fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
+def _fake_checkpoint(root: Path, step: int, complete: bool = True, overrides: tuple[str, ...] = ()) -> Path:
     folder = root / "checkpoints" / f"step_{step:08d}"
     (folder / "encoder" / "ds").mkdir(parents=True)
     (folder / "encoder" / "ds" / "shard.pt").write_bytes(b"x" * 100)
-    cfg = config_to_dict(load_config(None))
+    cfg = config_to_dict(load_config(None, list(overrides)))
     (folder / "trainer_state.json").write_text(json.dumps({"step": step, "images_seen": 8 * step, "world_size": 2,
                                                            "config": cfg}))
     if complete:
@@ -105,6 +105,36 @@ def test_plan_resume_refuses_network_changes_and_names_keys(tmp_path: Path) -> N
     plan = plan_resume(tmp_path, "auto", config_to_dict(load_config(None, ["train.total_steps=9"])))
     assert [p.name for p in plan.candidates] == ["step_00000005"]
     assert plan.accepted_changes == ("train.total_steps: 1000 -> 9",)
+
+
+def test_a_foreign_newest_checkpoint_names_the_older_one_that_fits_and_what_to_move(tmp_path: Path) -> None:
+    _fake_checkpoint(tmp_path, 5)
+    _fake_checkpoint(tmp_path, 6)
+    _fake_checkpoint(tmp_path, 8, overrides=("model.latent_dim=64",))  # another model's, copied in
+    with pytest.raises(ConfigError) as err:
+        plan_resume(tmp_path, "auto", config_to_dict(load_config(None)))
+    ckpt = tmp_path / "checkpoints"
+    assert "model.latent_dim: 64 -> 256" in str(err.value)
+    assert (f"{ckpt / 'step_00000006'} fits this config: to resume from it, move {ckpt / 'step_00000008'} "
+            f"out of {ckpt} and run again") in str(err.value)
+    assert (ckpt / "step_00000008").is_dir()  # nothing moved for the user
+
+
+def test_set_aside_folders_are_surveyed_oldest_first_and_only_the_newest_kept(tmp_path: Path) -> None:
+    from introvae_dist.checkpoint import set_aside_victims, survey
+
+    ckpt = tmp_path / "checkpoints"
+    for name in ("step_00000009.set-aside-1700000300", "step_00000003.set-aside-1700000100",
+                 "step_00000006.set-aside-1700000200", "notes.set-aside-5"):
+        (ckpt / name).mkdir(parents=True)
+    found = survey(ckpt)
+    assert [p.name for p in found.set_aside] == ["step_00000003.set-aside-1700000100",
+                                                 "step_00000006.set-aside-1700000200",
+                                                 "step_00000009.set-aside-1700000300"]
+    assert [p.name for p in found.foreign] == ["notes.set-aside-5"]  # not ours: never deleted
+    assert [p.name for p in set_aside_victims(found.set_aside, 2)] == ["step_00000003.set-aside-1700000100"]
+    assert set_aside_victims(found.set_aside, 5) == []
+    assert len(set_aside_victims(found.set_aside, 0)) == 3
 
 
 def test_trim_metrics_keeps_steps_up_to_the_resumed_one(tmp_path: Path) -> None:

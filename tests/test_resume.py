@@ -103,6 +103,9 @@ def test_kill_during_save_leaves_a_checkpoint_that_resume_skips(tiny_shards: Pat
     assert (_step_dir(run_dir, 3) / "MANIFEST.json").is_file()
     assert _step_dir(run_dir, 6).is_dir() and not (_step_dir(run_dir, 6) / "MANIFEST.json").exists()
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    # As left by two earlier kills (older names): retention keeps the newest 2 set-aside folders.
+    for old in ("step_00000002.set-aside-1000000000", "step_00000004.set-aside-1000000001"):
+        (run_dir / "checkpoints" / old).mkdir()
 
     again = _two_ranks(tiny_shards, tmp_path, 9, *extra)
     assert again.returncode == 0, tail(again)
@@ -111,8 +114,11 @@ def test_kill_during_save_leaves_a_checkpoint_that_resume_skips(tiny_shards: Pat
     assert f"resuming from {_step_dir(run_dir, 3)}" in out
     _assert_continuous(run_dir, 9)
     assert (_step_dir(run_dir, 9) / "MANIFEST.json").is_file()
-    # The half-written folder was renamed out of the way, not deleted.
+    # The half-written folder was renamed out of the way, not deleted; the oldest set-aside went.
     assert len(list((run_dir / "checkpoints").glob("step_00000006.set-aside-*"))) == 1
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.set-aside-*"))[0] == "step_00000004.set-aside-1000000001"
+    assert len(list((run_dir / "checkpoints").glob("*.set-aside-*"))) == 2
+    assert "step_00000002.set-aside-1000000000, set aside earlier (train.keep_set_aside_checkpoints=2" in out
 
 
 def test_truncated_checkpoint_file_is_caught_by_checksum_and_the_previous_one_used(tiny_shards: Path, tmp_path: Path) -> None:
