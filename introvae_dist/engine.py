@@ -107,17 +107,18 @@ def deepspeed_config(cfg: EngineConfig, batch_per_rank: int, world_size: int,
 
 
 def build_engine(module: nn.Module, cfg: EngineConfig, batch_per_rank: int, world_size: int,
-                 load_universal: bool = False) -> DeepSpeedEngine:
+                 load_universal: bool = False, ds_config: dict[str, Any] | None = None) -> DeepSpeedEngine:
     """Wrap `module` and an Adam optimiser (Sec. 4.1: lr 2e-4, betas 0.9/0.999) in an engine.
 
     Under bf16 and ZeRO, DeepSpeed keeps fp32 master weights and calls this optimiser on them,
-    so `fused_adam` makes that update one fused kernel per flat fp32 partition.
+    so `fused_adam` makes that update one fused kernel per flat fp32 partition. `ds_config`
+    replaces :func:`deepspeed_config`'s dict (bench/engine_defaults.py compares the two).
     """
     optimizer = torch.optim.Adam(module.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
                                  fused=cfg.fused_adam or None)
-    engine, *_ = deepspeed.initialize(
-        model=module, optimizer=optimizer, config=deepspeed_config(cfg, batch_per_rank, world_size, load_universal)
-    )
+    if ds_config is None:
+        ds_config = deepspeed_config(cfg, batch_per_rank, world_size, load_universal)
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
     engine.adopt_outputs = lambda *outputs: _adopt_outputs(engine, outputs)  # algorithm.Engine
     return engine
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from introvae_dist.config import EngineConfig  # noqa: E402
 from introvae_dist.distributed import world_from_env  # noqa: E402
 from introvae_dist.losses import LossWeights  # noqa: E402
 from introvae_dist.models import Encoder, Generator  # noqa: E402
+from worker_exit import leave  # noqa: E402  (beside this script)
 
 RES_PX, LATENT, WIDTHS, BATCH_GLOBAL = 16, 8, (8, 16), 4
 W = LossWeights(alpha=0.25, beta=0.5, margin=12.0)
@@ -154,18 +154,7 @@ def main() -> None:
             print(f"rank {world.rank}: zero{stage} {order} compared", flush=True)
     if world.is_main:
         out_path.write_text(json.dumps(report, indent=1))
-    engine.shutdown_distributed()
-    # Skip the interpreter's teardown: the report is written and no rank has a collective left.
-    # Twice (CI, and one clean-clone run, of about 50 runs of this worker), a rank aborted with
-    # "terminate called without an active exception" about a minute in, with no stack; 45
-    # reruns here, under load and with DeepSpeed's op rebuilt, never did. That message is a
-    # native thread torn down while running, and the gloo threads this process has are only
-    # torn down at exit (shutdown_distributed cannot end them, see there). If it happens
-    # again mid-run, PYTHONFAULTHANDLER (tests/conftest.py) prints where, and the lines above
-    # show how far each rank got.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
 
 
 if __name__ == "__main__":

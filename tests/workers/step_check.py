@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from introvae_dist.config import EngineConfig  # noqa: E402
 from introvae_dist.distributed import world_from_env  # noqa: E402
 from introvae_dist.losses import LossWeights  # noqa: E402
 from introvae_dist.models import Encoder, Generator  # noqa: E402
+from worker_exit import leave  # noqa: E402  (beside this script)
 
 RES_PX, LATENT, WIDTHS, BATCH_GLOBAL, STEPS = 16, 8, (8, 16), 4, 3
 #: A margin between the KLs of x_r and x_p seen in these steps, so both sides of the hinge occur.
@@ -99,12 +99,7 @@ def main() -> None:
             print(f"rank {world.rank}: zero{stage} {order} done", flush=True)
     if world.is_main:
         torch.save(report, args.out)
-    engine.shutdown_distributed()
-    # As tests/workers/grad_check.py: the report is written and no collective is left, so skip
-    # the interpreter's teardown of the gloo threads.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
 
 
 if __name__ == "__main__":
