@@ -85,8 +85,10 @@ class EngineConfig:
     """One DeepSpeed engine (one per network): ZeRO stage, precision and Adam."""
 
     zero_stage: int = 1
-    #: "bf16": bf16 weights and activations, fp32 master weights in the optimiser.
-    precision: Literal["bf16", "fp32"] = "bf16"
+    #: "auto": bf16 where the device computes it natively (CUDA compute capability >= 8.0; a
+    #: CPU with avx512_bf16 or amx_bf16), else fp32 (introvae_dist/precision.py). "bf16": bf16
+    #: weights and activations, fp32 master weights in the optimiser. "fp32".
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     lr: float = 2e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
@@ -109,9 +111,9 @@ class EngineConfig:
             raise ConfigError(f"{section}.betas={self.betas}: expected two values in [0, 1)")
         _positive(f"{section}.adam_eps", self.adam_eps)
         _at_least_zero(f"{section}.grad_clip_norm", self.grad_clip_norm, "0 turns it off")
-        if self.grad_reduce_dtype == "bf16" and self.precision == "fp32":
-            raise ConfigError(f"{section}.grad_reduce_dtype=bf16 with {section}.precision=fp32: fp32 "
-                              "gradients are reduced in fp32; set precision to bf16 or drop the key")
+        if self.grad_reduce_dtype == "bf16" and self.precision != "bf16":
+            raise ConfigError(f"{section}.grad_reduce_dtype=bf16 with {section}.precision={self.precision}: "
+                              "only bf16 gradients can be reduced in bf16; set precision to bf16 or drop the key")
 
 
 @dataclass

@@ -62,7 +62,7 @@ def world_from_env(env: MutableMapping[str, str] | None = None) -> World:
         _export_slurm_world(env)
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, world_size = _int_var(env, "RANK"), _int_var(env, "WORLD_SIZE")
-        local_rank = _int_var(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
+        local_rank = _local_rank(env, rank, world_size)
         if not 0 <= rank < world_size:
             raise ValueError(f"RANK={rank} WORLD_SIZE={world_size}: expected 0 <= RANK < WORLD_SIZE")
         local_var = next((v for v in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE") if v in env), None)
@@ -72,6 +72,26 @@ def world_from_env(env: MutableMapping[str, str] | None = None) -> World:
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", str(_free_port()))
     return World(rank=0, local_rank=0, world_size=1)
+
+
+#: Where a launcher that sets RANK but not LOCAL_RANK keeps the rank on the node: SLURM's srun,
+#: Open MPI's mpirun, MPICH/Intel MPI's Hydra, MVAPICH2.
+LOCAL_RANK_VARS = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID",
+                   "MV2_COMM_WORLD_LOCAL_RANK")
+
+
+def _local_rank(env: MutableMapping[str, str], rank: int, world_size: int) -> int:
+    """This process's rank on its node: the GPU it uses. RANK is only right on the first node,
+    so without one of LOCAL_RANK_VARS a multi-rank world is refused rather than guessed."""
+    for name in LOCAL_RANK_VARS:
+        if name in env:
+            env["LOCAL_RANK"] = env[name]  # DeepSpeed's init reads LOCAL_RANK
+            return _int_var(env, name)
+    if world_size == 1:
+        env["LOCAL_RANK"] = "0"
+        return 0
+    raise ValueError(f"RANK={rank} WORLD_SIZE={world_size} but no local rank: set one of "
+                     f"{', '.join(LOCAL_RANK_VARS)} (the rank on this node, which picks the GPU)")
 
 
 def slurm_port(job_id: int) -> int:

@@ -6,6 +6,7 @@ any process group or engine starts, so a mistake costs seconds, not a queue slot
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -39,10 +40,11 @@ from introvae_dist.data.shard_set import (
     DataError, ShardSet, resolve_shard_set, stored_image_size_px, verify_shards, with_sample_counts,
 )
 from introvae_dist.distributed import World, cpu_threads_per_rank
-from introvae_dist.files import write_text_atomic
+from introvae_dist.files import write_json_atomic, write_text_atomic
 from introvae_dist.images import save_grid
 from introvae_dist.losses import LossWeights
 from introvae_dist.models import Encoder, Generator, set_checkpointing
+from introvae_dist.precision import PrecisionChoice, bf16_support, choose, training_device
 from introvae_dist.rank_state import (
     capture_rngs, load_rank_state, module_buffers, restore_buffers, restore_rngs, save_rank_state,
 )
@@ -74,10 +76,32 @@ class Plan:
     batch_per_rank: int
     widths: tuple[int, ...]
     resume: ResumePlan
+    #: Each engine section's precision as resolved on this rank's device ("encoder", "generator").
+    precision: dict[str, PrecisionChoice]
+
+
+#: The run folder's record of each engine's precision: asked, chosen, and why.
+PRECISION_NAME = "precision.json"
+#: The config sections of the two engines (Algorithm 1's E and G).
+ENGINE_SECTIONS = ("encoder", "generator")
+
+
+def resolve_precision(cfg: Config, world: World) -> dict[str, PrecisionChoice]:
+    """Replace `precision: auto` in both engine sections by what this device runs, in place:
+    the resolved config is the one the run records and a resume is checked against."""
+    support = bf16_support(training_device(world.local_rank))
+    choices = {}
+    for name in ENGINE_SECTIONS:
+        section = getattr(cfg, name)
+        choices[name] = choose(section.precision, support)
+        section.precision = choices[name].chosen
+    return choices
 
 
 def plan_run(cfg: Config, world: World) -> Plan:
-    """Check the user's input against the world; raise ConfigError/DataError with the reason."""
+    """Check the user's input against the world; raise ConfigError/DataError with the reason.
+    Resolves `precision: auto` in `cfg` (see :func:`resolve_precision`)."""
+    precision = resolve_precision(cfg, world)
     if cfg.train.batch_global % world.world_size:
         raise ConfigError(
             f"train.batch_global={cfg.train.batch_global} does not divide over {world.world_size} ranks; "
@@ -101,7 +125,8 @@ def plan_run(cfg: Config, world: World) -> Plan:
             f"or train a smaller network"
         )
     resume = plan_resume(Path(cfg.run.root) / cfg.run.name, cfg.run.resume, config_to_dict(cfg))
-    plan = Plan(shard_set=shard_set, batch_per_rank=batch_per_rank, widths=cfg.model.resolved_widths(), resume=resume)
+    plan = Plan(shard_set=shard_set, batch_per_rank=batch_per_rank, widths=cfg.model.resolved_widths(), resume=resume,
+                precision=precision)
     stream_spec(cfg, world, plan).validate()  # e.g. an epoch too small for one batch per stream
     return plan
 
@@ -292,6 +317,12 @@ class Trainer:
                 print(f"moved {moved} records of steps after {self.step} from {name} to "
                       f"{name.replace('.jsonl', '.discarded.jsonl')}", flush=True)
         write_text_atomic(self.run_dir / "config.yaml", dump_config(self.cfg))
+        for name, choice in self.plan.precision.items():
+            print(f"{name} precision: {choice.reason}", flush=True)
+            if choice.warning:
+                print(f"warning: {name}.precision: {choice.warning}", flush=True)
+        write_json_atomic(self.run_dir / PRECISION_NAME, {name: dataclasses.asdict(choice)
+                                                         for name, choice in self.plan.precision.items()})
 
     def _convert_to_universal(self, saved_world_size: int) -> None:
         """A checkpoint of another world size loads through DeepSpeed's universal format; rank 0

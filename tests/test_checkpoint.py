@@ -82,7 +82,7 @@ def test_config_changes_split_into_refused_and_accepted() -> None:
     new = config_to_dict(load_config(None, ["model.latent_dim=512", "encoder.lr=1e-4", "generator.precision=fp32",
                                             "train.log_every_steps=5"]))
     changes = config_changes(old, new)
-    assert changes.refused == ["generator.precision: 'bf16' -> 'fp32'", "model.latent_dim: 256 -> 512"]
+    assert changes.refused == ["generator.precision: 'auto' -> 'fp32'", "model.latent_dim: 256 -> 512"]
     assert changes.accepted == ["encoder.lr: 0.0002 -> 0.0001", "train.log_every_steps: 10 -> 5"]
 
 

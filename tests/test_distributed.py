@@ -57,3 +57,18 @@ def test_tasks_per_node_and_port() -> None:
     assert [tasks_on_node("2(x3),1", n) for n in range(4)] == [2, 2, 2, 1]
     assert tasks_on_node("4", 0) == 4
     assert slurm_port(1) == 20001 and slurm_port(20000) == 20000 and 20000 <= slurm_port(987654321) < 40000
+
+
+@pytest.mark.parametrize("var", ["LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID",
+                                 "MV2_COMM_WORLD_LOCAL_RANK"])
+def test_local_rank_comes_from_the_launchers_variable(var: str) -> None:
+    env = {"RANK": "5", "WORLD_SIZE": "8", var: "1"}  # rank 5 is GPU 1 of the third node, not GPU 5
+    world = world_from_env(env)
+    assert world.local_rank == 1 and env["LOCAL_RANK"] == "1"
+
+
+def test_a_multi_rank_world_without_a_local_rank_is_refused_naming_the_variables() -> None:
+    with pytest.raises(ValueError, match=r"RANK=5 WORLD_SIZE=8 but no local rank: set one of LOCAL_RANK, SLURM_LOCALID, "
+                                         r"OMPI_COMM_WORLD_LOCAL_RANK"):
+        world_from_env({"RANK": "5", "WORLD_SIZE": "8"})
+    assert world_from_env({"RANK": "0", "WORLD_SIZE": "1"}).local_rank == 0

@@ -1,0 +1,90 @@
+"""`precision: auto`: bf16 where the device computes it natively, fp32 where it does not.
+
+bf16 only pays where the hardware has bf16 arithmetic. Measured on CPUs (docs/BENCHMARKS.md):
+a 3x3 convolution in bf16 runs about 2x fp32 on an AMD Zen 4 with AVX-512 BF16, but 14.6x
+slower than fp32 on a Zen 2 and 57x slower on a Zen 3, both AVX2 only, where oneDNN emulates
+it. GPUs have bf16 tensor cores from Ampere (compute capability 8.0) on; a V100 or T4 has none.
+
+Only torch is imported; the trainer resolves each engine section's precision once, before any
+engine starts (`trainer.plan_run`), and records the choice and its reason in the run folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+#: /proc/cpuinfo flags of native bf16 arithmetic on x86 (AVX-512 BF16; AMX tiles).
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+#: First CUDA compute capability with bf16 tensor cores (Ampere).
+CUDA_BF16_CAPABILITY = (8, 0)
+
+
+@dataclass(frozen=True)
+class Bf16Support:
+    """Whether `device` computes bf16 natively, and the facts that say so."""
+
+    device: str
+    native: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """One engine section's precision: what the config asked, what runs, and why."""
+
+    requested: str
+    chosen: str
+    reason: str
+    #: Set when the choice will be slow (an explicit bf16 without native bf16).
+    warning: str | None = None
+
+
+def training_device(local_rank: int) -> torch.device:
+    """The device a rank trains on: its GPU when CUDA is there (DeepSpeed's accelerator), else the CPU."""
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def bf16_support(device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo")) -> Bf16Support:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        capability = torch.cuda.get_device_capability(device)
+        native = capability >= CUDA_BF16_CAPABILITY
+        has = "has" if native else "has no"
+        return Bf16Support(str(device), native, f"{name}, compute capability {capability[0]}.{capability[1]}, "
+                                                f"{has} bf16 tensor cores (from 8.0 on)")
+    model, flags = _cpu_model_and_flags(cpuinfo)
+    found = [f for f in CPU_BF16_FLAGS if f in flags]
+    if found:
+        return Bf16Support("cpu", True, f"CPU {model} has {' and '.join(found)}")
+    return Bf16Support("cpu", False, f"CPU {model} has neither {' nor '.join(CPU_BF16_FLAGS)} "
+                                     "(bf16 is emulated, many times slower than fp32)")
+
+
+def choose(requested: str, support: Bf16Support) -> PrecisionChoice:
+    """Resolve one engine section's `precision` ("auto", "bf16" or "fp32") on a device."""
+    if requested == "auto":
+        chosen = "bf16" if support.native else "fp32"
+        return PrecisionChoice(requested, chosen, f"auto: {chosen}, since {support.reason}")
+    if requested == "bf16" and not support.native:
+        return PrecisionChoice(requested, "bf16", f"bf16 as configured; {support.reason}",
+                               warning=f"bf16 was asked for, but {support.reason}: every step runs much slower "
+                                       "than in fp32 (precision: auto picks fp32 here)")
+    return PrecisionChoice(requested, requested, f"{requested} as configured")
+
+
+def _cpu_model_and_flags(cpuinfo: Path) -> tuple[str, set[str]]:
+    model, flags = "unknown", set()
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return model, flags
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model == "unknown":
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return model, flags
