@@ -66,8 +66,8 @@ def test_every_preset_loads() -> None:
 def test_deepspeed_never_clips_unless_asked() -> None:
     from introvae_dist.engine import deepspeed_config
 
-    assert deepspeed_config(EngineConfig(), 4, 2)["gradient_clipping"] == 0.0
-    assert deepspeed_config(EngineConfig(grad_clip_norm=1.5), 4, 2)["gradient_clipping"] == 1.5
+    assert deepspeed_config(EngineConfig(precision="fp32"), 4, 2)["gradient_clipping"] == 0.0
+    assert deepspeed_config(EngineConfig(precision="bf16", grad_clip_norm=1.5), 4, 2)["gradient_clipping"] == 1.5
 
 
 def test_gradient_reduction_dtype_and_scaling_are_explicit() -> None:
