@@ -40,10 +40,9 @@ RESOLUTION_PX, BATCH_PER_RANK, ZERO_STAGE = 128, 8, 2
 
 def worker(steps: int, out: Path) -> None:
     """One rank: engines as training builds them, one warm-up step, `steps` timed steps."""
-    import torch.distributed as dist
     from step_throughput import SEED, WEIGHTS, Setup, build_variant, step_inputs
 
-    from introvae_dist import engine
+    from introvae_dist import collectives, engine
     from introvae_dist.distributed import world_from_env
 
     world = world_from_env()
@@ -57,7 +56,7 @@ def worker(steps: int, out: Path) -> None:
     x = x.contiguous(memory_format=torch.channels_last)
     times, shares = [], []
     for i in range(1 + steps):
-        dist.barrier()
+        collectives.barrier()
         start, cpu_start = time.perf_counter(), time.process_time()
         train_step(enc, gen, x, noise, WEIGHTS)["loss_g"].item()
         wall = time.perf_counter() - start
@@ -66,8 +65,7 @@ def worker(steps: int, out: Path) -> None:
             shares.append((time.process_time() - cpu_start) / wall)
     mine = {"rank": world.rank, "median_step_s": statistics.median(times), "cpu_share": statistics.median(shares),
             "threads": torch.get_num_threads()}
-    gathered: list[object] = [None] * world.world_size
-    dist.all_gather_object(gathered, mine)
+    gathered = collectives.gather_object(mine)
     if world.is_main:
         out.write_text(json.dumps({"world_size": world.world_size, "ranks": gathered}))
 

@@ -319,10 +319,11 @@ def _run_with_models(args: argparse.Namespace, body: Callable[[argparse.Namespac
     from introvae_dist.data.shard_set import DataError
     from introvae_dist.evaluation import EvaluationInputError
     from introvae_dist.inference import ModelSourceError
+    from introvae_dist.rank_work import DeviceError
 
     try:
         return body(args)
-    except (ModelSourceError, ImageInputError, EvaluationInputError, DataError) as exc:
+    except (ModelSourceError, ImageInputError, EvaluationInputError, DataError, DeviceError) as exc:
         _say("error", str(exc))
         return EXIT_BAD_INPUT
 

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from introvae_dist import peer_failure
+from introvae_dist import collectives, peer_failure
 from introvae_dist.config import EngineConfig
+from introvae_dist.distributed import world_from_env
 
 # DeepSpeed logs every engine's whole config at INFO; keep the training log readable.
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -32,14 +32,19 @@ from deepspeed.runtime.utils import register_output_backward_hooks  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
 
 
-def init_distributed(timeout_s: float = 600.0) -> None:
-    """Join the process group described by RANK/WORLD_SIZE/MASTER_* (see distributed.py).
+def init_distributed(timeout_s: float = 600.0) -> torch.device:
+    """Join the process group described by RANK/WORLD_SIZE/MASTER_* (see distributed.py) and
+    return this rank's device.
 
-    The backend follows the accelerator: NCCL on GPUs, gloo on CPU.
+    The backend follows the accelerator: NCCL on GPUs, gloo on CPU. The GPU is bound to the
+    local rank first: DeepSpeed sets it only when the engines are built, after our first
+    collectives (:mod:`introvae_dist.collectives`).
     """
+    device = collectives.bind_device(world_from_env().local_rank)
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s), verbose=False)
     peer_failure.start_watching()
     _unlink_shm_allreduce_buffer()
+    return device
 
 
 def shutdown_distributed() -> None:
@@ -51,8 +56,7 @@ def shutdown_distributed() -> None:
     after it), so those end with the process.
     """
     peer_failure.stop_watching()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    collectives.destroy()
 
 
 def _unlink_shm_allreduce_buffer() -> None:
@@ -65,8 +69,7 @@ def _unlink_shm_allreduce_buffer() -> None:
     each rank unlinks its own name. The mappings stay valid, and the memory goes back to the
     system when the last process exits, however it exits.
     """
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    collectives.barrier()
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{os.environ.get('RANK', '0')}")
     Path("/dev/shm", name).unlink(missing_ok=True)

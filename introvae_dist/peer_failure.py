@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Any
 
-import torch.distributed as dist
+from introvae_dist import collectives
 
 _FAILURE_KEY = "introvae_dist/failure"
 _ACK_KEY = "introvae_dist/failure_acks"
@@ -41,19 +41,13 @@ _stop_watching = threading.Event()
 _reporting = threading.Event()
 
 
-def _store() -> Any:
-    # The default group's store is the one every rank already reaches (rendezvous of
-    # init_process_group); torch exposes it only through this private accessor.
-    return dist.distributed_c10d._get_default_store()
-
-
 def start_watching() -> None:
     """Start this rank's watcher (after the process group exists; a no-op at one rank)."""
     global _watcher
-    if _watcher is not None or not dist.is_initialized() or dist.get_world_size() == 1:
+    if _watcher is not None or not collectives.is_initialized() or collectives.world_size() == 1:
         return
     _stop_watching.clear()
-    _watcher = threading.Thread(target=_watch, args=(_store(), dist.get_rank()), name="peer-failure-watch",
+    _watcher = threading.Thread(target=_watch, args=(collectives.store(), collectives.rank()), name="peer-failure-watch",
                                 daemon=True)
     _watcher.start()
 
@@ -69,14 +63,14 @@ def report(status: int, message: str) -> None:
     """Tell every peer that this rank stops with `status` because of `message`, then wait
     (at most ACK_TIMEOUT_S) until each has seen it. Safe to call when there is no process
     group, at one rank, or when another rank has already reported."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not collectives.is_initialized() or collectives.world_size() == 1:
         return
     _reporting.set()
     stop_watching()
     try:
-        store, world_size = _store(), dist.get_world_size()
+        store, world_size = collectives.store(), collectives.world_size()
         if not store.check([_FAILURE_KEY]):  # the first failure is the one every rank names
-            store.set(_FAILURE_KEY, json.dumps({"rank": dist.get_rank(), "status": status, "message": message}))
+            store.set(_FAILURE_KEY, json.dumps({"rank": collectives.rank(), "status": status, "message": message}))
         # Every rank that learns of a failure counts itself once, by reporting or by watching,
         # so ranks that fail together (a bad checkpoint seen by all) do not wait for each other.
         store.add(_ACK_KEY, 1)
@@ -99,7 +93,7 @@ def _watch(store: Any, rank: int) -> None:
             # Stay until every rank has taken note: rank 0 hosts the store, and the reporting
             # rank reads the count from it.
             deadline = time.monotonic() + ACK_TIMEOUT_S
-            while store.add(_ACK_KEY, 0) < dist.get_world_size() and time.monotonic() < deadline:
+            while store.add(_ACK_KEY, 0) < collectives.world_size() and time.monotonic() < deadline:
                 time.sleep(0.1)
             time.sleep(0.5)  # the reporter polls every 0.1 s: let it read the full count
         except Exception:
