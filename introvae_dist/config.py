@@ -87,8 +87,9 @@ class EngineConfig:
     zero_stage: int = 1
     #: "auto": bf16 where the device computes it natively (CUDA compute capability >= 8.0; a
     #: CPU with avx512_bf16 or amx_bf16), else fp32 (introvae_dist/precision.py). "bf16": bf16
-    #: weights and activations, fp32 master weights in the optimiser. "fp32".
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    #: weights and activations, fp32 master weights in the optimiser. "fp32". "fp16" is read so
+    #: that it is refused with the device's reason (trainer.resolve_precision), not as a typo.
+    precision: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
     lr: float = 2e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8

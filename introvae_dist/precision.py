@@ -29,6 +29,12 @@ class Bf16Support:
     device: str
     native: bool
     reason: str
+    #: What a person calls the device: "CPU AMD EPYC 7R32", "NVIDIA H200 (cuda:0)".
+    name: str = ""
+
+
+class PrecisionError(ValueError):
+    """A precision this trainer cannot run on the device (fp16, see :func:`choose`)."""
 
 
 @dataclass(frozen=True)
@@ -54,17 +60,46 @@ def bf16_support(device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo")) ->
         native = capability >= CUDA_BF16_CAPABILITY
         has = "has" if native else "has no"
         return Bf16Support(str(device), native, f"{name}, compute capability {capability[0]}.{capability[1]}, "
-                                                f"{has} bf16 tensor cores (from 8.0 on)")
+                                                f"{has} bf16 tensor cores (from 8.0 on)", f"{name} ({device})")
     model, flags = _cpu_model_and_flags(cpuinfo)
     found = [f for f in CPU_BF16_FLAGS if f in flags]
     if found:
-        return Bf16Support("cpu", True, f"CPU {model} has {' and '.join(found)}")
+        return Bf16Support("cpu", True, f"CPU {model} has {' and '.join(found)}", f"CPU {model}")
     return Bf16Support("cpu", False, f"CPU {model} has neither {' nor '.join(CPU_BF16_FLAGS)} "
-                                     "(bf16 is emulated, many times slower than fp32)")
+                                     "(bf16 is emulated, many times slower than fp32)", f"CPU {model}")
 
 
-def choose(requested: str, support: Bf16Support) -> PrecisionChoice:
-    """Resolve one engine section's `precision` ("auto", "bf16" or "fp32") on a device."""
+def fp16_support(device: torch.device) -> bool:
+    """Whether DeepSpeed's accelerator for ``device`` runs fp16, by DeepSpeed 0.19.8's own tests
+    (accelerator/cuda_accelerator.py: compute capability >= 7.0; cpu_accelerator.py: oneDNN's
+    fp16 support, AVX-512 FP16 or AMX FP16), without importing DeepSpeed."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (7, 0)
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def choose(requested: str, support: Bf16Support, fp16: bool = False) -> PrecisionChoice:
+    """Resolve one engine section's `precision` ("auto", "bf16" or "fp32") on a device.
+
+    "fp16" raises :class:`PrecisionError`. Where DeepSpeed cannot run it (``fp16`` False: these
+    CPUs) that is the reason. Where it can (pre-Ampere GPUs), Algorithm 1 still cannot: E's
+    data-only gradient through G (`algorithm.decode`, Eq. 10's L_AE and L_REG through x_r)
+    bypasses the engine's dynamic loss scaling, and an overflow step would have to be skipped by
+    both engines alike. Until that is built and verified on a GPU, fp32 is the choice there.
+    """
+    if requested == "fp16":
+        bf16 = "bf16 (native)" if support.native else "bf16 (emulated, slow)"
+        if not fp16:
+            raise PrecisionError(f"the {support.name} cannot run fp16 (DeepSpeed's accelerator for it does not "
+                                 f"support fp16); it supports {bf16} and fp32. Use auto (picks "
+                                 f"{'bf16' if support.native else 'fp32'} here), bf16 or fp32")
+        raise PrecisionError(f"introvae-dist does not train in fp16 on the {support.name}: "
+                             "E's gradient through G would bypass DeepSpeed's loss scaling (docs/DEEPSPEED.md). "
+                             f"It supports {bf16} and fp32 here. Use auto (picks "
+                             f"{'bf16' if support.native else 'fp32'} here), bf16 or fp32")
     if requested == "auto":
         chosen = "bf16" if support.native else "fp32"
         return PrecisionChoice(requested, chosen, f"auto: {chosen}, since {support.reason}")

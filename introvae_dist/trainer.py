@@ -21,9 +21,8 @@ from typing import IO, Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from introvae_dist import __version__
+from introvae_dist import __version__, collectives
 from introvae_dist.algorithm import METRIC_NAMES, StepNoise, train_step
 from introvae_dist.checkpoint import (
     CHECKPOINTS_DIR, ENGINE_DIRS, ENGINE_TAG, TRAINER_STATE_NAME, UNIVERSAL_DIR, CheckpointError, check_files,
@@ -44,7 +43,9 @@ from introvae_dist.files import write_json_atomic, write_text_atomic
 from introvae_dist.images import save_grid
 from introvae_dist.losses import LossWeights
 from introvae_dist.models import Encoder, Generator, set_checkpointing
-from introvae_dist.precision import PrecisionChoice, bf16_support, choose, training_device
+from introvae_dist.precision import (
+    PrecisionChoice, PrecisionError, bf16_support, choose, fp16_support, training_device,
+)
 from introvae_dist.rank_state import (
     capture_rngs, load_rank_state, module_buffers, restore_buffers, restore_rngs, save_rank_state,
 )
@@ -89,11 +90,15 @@ ENGINE_SECTIONS = ("encoder", "generator")
 def resolve_precision(cfg: Config, world: World) -> dict[str, PrecisionChoice]:
     """Replace `precision: auto` in both engine sections by what this device runs, in place:
     the resolved config is the one the run records and a resume is checked against."""
-    support = bf16_support(training_device(world.local_rank))
+    device = training_device(world.local_rank)
+    support = bf16_support(device)
     choices = {}
     for name in ENGINE_SECTIONS:
         section = getattr(cfg, name)
-        choices[name] = choose(section.precision, support)
+        try:
+            choices[name] = choose(section.precision, support, fp16_support(device))
+        except PrecisionError as e:
+            raise ConfigError(f"{name}.precision={section.precision}: {e}") from None
         section.precision = choices[name].chosen
     return choices
 
@@ -144,21 +149,11 @@ def verify_shard_set(shard_set: ShardSet, check: str, world: World) -> None:
     Runs after the process group starts (to split the hashing) and before any engine is built.
     """
     problems = verify_shards(list(shard_set.shards[world.rank::world.world_size]), check)  # type: ignore[arg-type]
-    if world.world_size > 1:
-        gathered: list[list[str]] = [[] for _ in range(world.world_size)]
-        dist.all_gather_object(gathered, problems)
-        problems = [line for lines in gathered for line in lines]
+    problems = [line for lines in collectives.gather_object(problems) for line in lines]
     if problems:
         where = shard_set.manifest_path or shard_set.spec
         raise DataError(f"{len(problems)} shard(s) do not match {where} (data.verify={check}): "
                         + "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else ""))
-
-
-def _broadcast_object(value: object, world: World) -> object:
-    box = [value]
-    if world.world_size > 1:
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _reduce_over_ranks(figures: dict[str, torch.Tensor], data_counts: dict[str, int], flags: dict[str, bool],
@@ -171,28 +166,13 @@ def _reduce_over_ranks(figures: dict[str, torch.Tensor], data_counts: dict[str, 
     losses = torch.stack([figures[name].float().cpu() for name in METRIC_NAMES])
     counts = torch.tensor([float(v) for v in data_counts.values()])
     raised = torch.tensor([float(v) for v in flags.values()])
-    values = torch.cat([losses, counts, raised])
-    if world.world_size > 1:
-        dist.all_reduce(values)
+    values = collectives.sum_(torch.cat([losses, counts, raised]))
     n_losses, n_counts = len(METRIC_NAMES), len(data_counts)
     values[:n_losses] /= world.world_size
     record: dict[str, float] = dict(zip(METRIC_NAMES, values[:n_losses].tolist()))
     record.update({f"data_{name}": int(v) for name, v in zip(data_counts, values[n_losses:n_losses + n_counts].tolist())})
     agreed = {name for name, v in zip(flags, values[n_losses + n_counts:].tolist()) if v > 0}
     return record, agreed
-
-
-def _all_gather(value: Any, world: World) -> list[Any]:
-    if world.world_size == 1:
-        return [value]
-    gathered: list[Any] = [None] * world.world_size
-    dist.all_gather_object(gathered, value)
-    return gathered
-
-
-def _barrier(world: World) -> None:
-    if world.world_size > 1:
-        dist.barrier()
 
 
 def select_checkpoint(plan: ResumePlan, world: World, current_config: dict[str, Any]) -> Path | None:
@@ -209,7 +189,7 @@ def select_checkpoint(plan: ResumePlan, world: World, current_config: dict[str, 
             problems = check_files(folder, manifest, files[world.rank::world.world_size])
         except CheckpointError as e:
             problems = [str(e)]
-        problems = sorted({line for lines in _all_gather(problems, world) for line in lines})
+        problems = sorted({line for lines in collectives.gather_object(problems) for line in lines})
         if not problems:
             if folder != plan.candidates[0]:
                 check_config(folder, current_config)  # an older one may hold another config
@@ -217,7 +197,7 @@ def select_checkpoint(plan: ResumePlan, world: World, current_config: dict[str, 
                 for bad in skipped:
                     if bad.parent.parent.resolve() == plan.run_dir.resolve():
                         print(f"warning: set aside damaged checkpoint {bad} as {set_aside(bad)}", flush=True)
-            _barrier(world)
+            collectives.barrier()
             return folder
         message = f"checkpoint {folder} is damaged: " + "; ".join(problems[:5])
         if plan.explicit_step:
@@ -256,7 +236,7 @@ class Trainer:
         self.images_seen = saved["images_seen"] if saved else 0
         if world.is_main:
             self._prepare_run_dir()
-        _barrier(world)
+        collectives.barrier()
 
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
         m = cfg.model
@@ -297,7 +277,7 @@ class Trainer:
                 lock = lock_run_dir(self.run_dir)
             except ConfigError as e:
                 problem = str(e)
-        problem = _broadcast_object(problem, self.world)
+        problem = collectives.broadcast_object(problem)
         if problem:
             raise ConfigError(str(problem))
         return lock
@@ -336,7 +316,7 @@ class Trainer:
                 if not (target / net).is_dir():
                     target.mkdir(parents=True, exist_ok=True)
                     self._engine_lib.convert_to_universal(self.resumed_from / net, ENGINE_TAG, target / net)
-        _barrier(self.world)
+        collectives.barrier()
 
     def _restore(self, folder: Path, universal: bool, spec: StreamSpec) -> tuple[int, dict[str, int] | None]:
         """Load both engines, then this rank's RNGs, buffers and stream position.
@@ -498,22 +478,22 @@ class Trainer:
         if self.world.is_main and folder.exists():
             # Left by a save that never finished, or damaged: renamed, never deleted.
             print(f"warning: {folder} exists; set aside as {set_aside(folder)}", flush=True)
-        _barrier(self.world)
+        collectives.barrier()
         self._engine_lib.save_engine(self.enc, folder / "encoder", ENGINE_TAG, {})
         self._engine_lib.save_engine(self.gen, folder / "generator", ENGINE_TAG, {})
         save_rank_state(rank_state_path(folder, self.world.rank), self._rank_state())
         if self.world.is_main:
             write_text_atomic(folder / TRAINER_STATE_NAME, json.dumps(self._trainer_state(), indent=1) + "\n")
-        _barrier(self.world)
+        collectives.barrier()
         _inject_fault("kill-before-manifest", self.step, self.world)
-        names = _broadcast_object(list_files(folder) if self.world.is_main else None, self.world)
+        names = collectives.broadcast_object(list_files(folder) if self.world.is_main else None)
         mine = describe_files(folder, names[self.world.rank::self.world.world_size])  # type: ignore[index]
-        files = {k: v for part in _all_gather(mine, self.world) for k, v in part.items()}
+        files = {k: v for part in collectives.gather_object(mine) for k, v in part.items()}
         if self.world.is_main:
             write_manifest(folder, self.step, files)
             write_latest(self.ckpt_dir, folder.name)
             self._apply_retention()
-        _barrier(self.world)
+        collectives.barrier()
         self._last_save_s = time.monotonic()
         return folder
 

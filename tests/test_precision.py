@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,26 @@ def test_every_preset_leaves_precision_to_the_device() -> None:
     for path in sorted(Path("configs").glob("*.yaml")):
         cfg = load_config(path)
         assert cfg.encoder.precision == cfg.generator.precision == "auto", path
+
+
+def test_fp16_on_a_cpu_is_refused_naming_the_device_and_what_it_supports(tmp_path: Path) -> None:
+    from introvae_dist.precision import PrecisionError
+
+    with pytest.raises(PrecisionError, match=r"the CPU AMD EPYC 7R32 cannot run fp16 .*supports bf16 \(emulated, "
+                                             r"slow\) and fp32\. Use auto \(picks fp32 here\)"):
+        choose("fp16", bf16_support(torch.device("cpu"), _cpu(tmp_path, ZEN2)), fp16=False)
+    # Where DeepSpeed could run fp16 (a V100), Algorithm 1's hand-made gradient through G could not.
+    with pytest.raises(PrecisionError, match="does not train in fp16 on the CPU AMD EPYC 9R14.*bf16 \\(native\\)"):
+        choose("fp16", bf16_support(torch.device("cpu"), _cpu(tmp_path, ZEN4)), fp16=True)
+
+
+def test_fp16_in_a_config_stops_before_any_work_naming_the_key(tiny_shards: Path, tmp_path: Path) -> None:
+    """Through the real launcher script with --dry-run: refused in seconds, exit 2."""
+    from conftest import run, tail
+
+    proc = run([sys.executable, "launchers/train.py", "--config", "configs/cpu_synthetic.yaml", "--dry-run",
+                f"data.shards={tiny_shards}", f"run.root={tmp_path}", "model.resolution_px=16", "model.widths=[8,16]",
+                "generator.precision=fp16"], timeout_s=120)
+    assert proc.returncode == 2, tail(proc)
+    assert "generator.precision=fp16: the CPU " in proc.stderr + proc.stdout, tail(proc)
+    assert "cannot run fp16" in proc.stderr + proc.stdout, tail(proc)
