@@ -168,6 +168,9 @@ class TrainConfig:
     keep_set_aside_checkpoints: int = 2
     #: Images per row kind (real | reconstruction | sample) in a sample grid.
     grid_images: int = 8
+    #: Grid cells are shown at least this many pixels on a side (whole-factor nearest-neighbour
+    #: enlargement, images.save_grid): 32 px images become 128 px cells. 0 keeps native size.
+    grid_cell_px: int = 128
     #: "algorithm1": the paper's Algorithm 1. "shared_encoder": the fast path, one encoder
     #: pass over x_r and x_p for both updates, G's gradient with E before its step
     #: (Appendix C; introvae_dist.algorithm.shared_encoder_phases, docs/BENCHMARKS.md).
@@ -181,6 +184,7 @@ class TrainConfig:
                      "save_every_steps", "grid_images", "keep_last_checkpoints"):
             _positive(f"train.{name}", getattr(self, name))
         _at_least_zero("train.keep_set_aside_checkpoints", self.keep_set_aside_checkpoints)
+        _at_least_zero("train.grid_cell_px", self.grid_cell_px, "0 keeps the images' own size")
         for name in ("save_every_minutes", "keep_every_steps"):
             _at_least_zero(f"train.{name}", getattr(self, name), "0 turns it off")
         if not 0 <= self.seed < 2**32:  # NumPy's seeds are 32-bit

@@ -16,9 +16,22 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return array.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(rows: Sequence[torch.Tensor], path: Path, pad_px: int = 2) -> None:
-    """Write rows of images, each (N, 3, H, W) in [0, 1], as one PNG with white gaps."""
+def cell_scale(side_px: int, min_cell_px: int) -> int:
+    """The whole factor that shows a ``side_px`` image at least ``min_cell_px`` on a side (>= 1)."""
+    return max(1, -(-min_cell_px // side_px))
+
+
+def save_grid(rows: Sequence[torch.Tensor], path: Path, pad_px: int = 2, min_cell_px: int = 0) -> None:
+    """Write rows of images, each (N, 3, H, W) in [0, 1], as one PNG with white gaps.
+
+    ``min_cell_px``: cells smaller than this are enlarged by a whole factor, each pixel a
+    block (nearest neighbour): a 32 px image is readable at 128 px, and every pixel is still
+    the network's own (no interpolation invents detail).
+    """
     blocks = [to_uint8(r) for r in rows]
+    scale = cell_scale(blocks[0].shape[1], min_cell_px)
+    if scale > 1:
+        blocks = [b.repeat(scale, axis=1).repeat(scale, axis=2) for b in blocks]
     n, h, w = max(b.shape[0] for b in blocks), blocks[0].shape[1], blocks[0].shape[2]
     canvas = np.full((len(blocks) * (h + pad_px) + pad_px, n * (w + pad_px) + pad_px, 3), 255, np.uint8)
     for r, block in enumerate(blocks):

@@ -439,7 +439,7 @@ class Trainer:
             enc.train(), gen.train()
         path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
         if self.world.is_main:
-            save_grid([self.grid_real, rec, sample], path)
+            save_grid([self.grid_real, rec, sample], path, min_cell_px=self.cfg.train.grid_cell_px)
         return path
 
     # -- evaluation during training (eval.every_steps; introvae_dist.evaluation) -----------------

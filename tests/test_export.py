@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import deepspeed_cmd, run, tail
 from introvae_dist.cli import main
+from introvae_dist.images import cell_scale
 from introvae_dist.weights import (
     FORMAT, META_FORMAT, META_IMAGES_SEEN, META_MODEL, META_SHA256, META_STEP, ExportedModelConfig, WeightsError,
     build_models, load_exported, read_info, tensors_sha256,
@@ -72,14 +73,17 @@ def bf16_run(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
                   "generator.precision=bf16", "encoder.zero_stage=0", "generator.zero_stage=1")
 
 
-def _grid_rows(png: Path, n: int, size_px: int) -> list[np.ndarray]:
-    """The rows of a sample grid (real | reconstruction | sample), each (n, H, W, 3) uint8."""
+def _grid_rows(png: Path, n: int, size_px: int, cell_px: int) -> list[np.ndarray]:
+    """The rows of a sample grid (real | reconstruction | sample), each (n, H, W, 3) uint8;
+    cells enlarged to ``cell_px`` (train.grid_cell_px) are read back at ``size_px``."""
+    scale = cell_scale(size_px, cell_px)
     grid = np.asarray(Image.open(png).convert("RGB"))
+    big = size_px * scale
     rows = []
     for r in range(3):
-        top = GRID_PAD_PX + r * (size_px + GRID_PAD_PX)
+        top = GRID_PAD_PX + r * (big + GRID_PAD_PX)
         rows.append(np.stack([
-            grid[top : top + size_px, GRID_PAD_PX + c * (size_px + GRID_PAD_PX):][:, :size_px] for c in range(n)
+            grid[top : top + big, GRID_PAD_PX + c * (big + GRID_PAD_PX):][:big:scale, :big:scale] for c in range(n)
         ]))
     return rows
 
@@ -104,7 +108,8 @@ def test_loaded_weights_redraw_the_trainers_sample_grid(fp32_run: Path, fp32_exp
     assert all(p.dtype == torch.float32 for p in [*encoder.parameters(), *generator.parameters()])
     cfg = json.loads((_step_folder(fp32_run) / "trainer_state.json").read_text())["config"]
     n = cfg["train"]["grid_images"]
-    real, reconstruction, sample = _grid_rows(fp32_run / "samples" / f"step_{STEPS:08d}.png", n, model.resolution_px)
+    real, reconstruction, sample = _grid_rows(fp32_run / "samples" / f"step_{STEPS:08d}.png", n, model.resolution_px,
+                                          cfg["train"]["grid_cell_px"])
 
     # Trainer._fixed_grid_inputs: the same z in every grid of the run.
     z = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(cfg["train"]["seed"]))
