@@ -17,13 +17,25 @@ stalls every parallel region, so such a step can take several times longer (seen
 different factors per variant. Rounds in which any variant got less than `--min-cpu-share` are
 logged but left out of the medians.
 
+With `--device cuda` the engines are on the GPU (DeepSpeed's accelerator; the rank's device
+from `engine.init_distributed`), the batch and the noise are made there, and every timed step
+starts and ends with `torch.cuda.synchronize()` (bench/device.py), so a step's time is that of
+its kernels, not of queueing them. The core-share filter is off there: all rounds are used,
+since process CPU time says nothing about GPU work. cuDNN's autotuner is off unless
+`--cudnn-benchmark`; the header and the JSON record the device and these switches.
+
 Model FLOPs per image are counted once, with torch's FLOP formulas (`FlopCounter`), over one plain-PyTorch step on
 meta-device modules (forward + backward; convolutions and matmuls only, the optimiser is not counted)
 without activation checkpointing, so recomputation is not credited as useful work; the count
 that includes recomputation is reported beside it. TFLOP/s = model FLOPs / median step time.
+MFU = TFLOP/s / the device's bf16 peak measured at the start of the run (bench/conv_peak.py's
+`peak_tflops`: the higher of the best 3x3 convolution and a large matmul). It is measured
+on `--device cuda` (under a thousand short kernels there) and on the CPU only with `--mfu`:
+CPUs without bf16 vector units take minutes over it.
 
     python bench/step_throughput.py
     python bench/step_throughput.py --no-checkpointing --steps 5 --json /tmp/step.json
+    python bench/step_throughput.py --device cuda --batch 64 --json /tmp/step_gpu.json
 """
 
 from __future__ import annotations
@@ -31,11 +43,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,8 +56,26 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-# Run from a checkout without installing: make the package importable.
+# Run from a checkout without installing: make the package and bench/'s helpers importable.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from conv_peak import PeakTflops, peak_tflops  # noqa: E402
+from device import (  # noqa: E402
+    CPU,
+    add_device_arguments,
+    backend_flags,
+    cpu_model,
+    cpu_share_filters,
+    describe,
+    device_record,
+    format_flags,
+    module_device,
+    require_device,
+    require_rank_device,
+    set_cudnn_benchmark,
+    timed,
+)
 
 from introvae_dist.algorithm import Engine, StepNoise, StepOrder, train_step  # noqa: E402
 from introvae_dist.config import EngineConfig  # noqa: E402
@@ -68,6 +96,7 @@ WEIGHTS = LossWeights(alpha=0.25, beta=0.5, margin=110.0)
 #: Batch of the FLOP count; conv and matmul FLOPs are linear in the batch, BatchNorm needs >= 2.
 FLOP_COUNT_BATCH = 2
 SEED = 0
+SCRIPT = "bench/step_throughput.py"
 
 
 @dataclass(frozen=True)
@@ -94,6 +123,8 @@ class Result:
     ratio_to_reference: float
     model_tflop_per_s: float
     median_cpu_share: float
+    #: model TFLOP/s / the measured bf16 peak; None where the peak was not measured.
+    mfu: float | None
 
 
 class PlainEngine:
@@ -130,12 +161,15 @@ def build_networks(resolution_px: int, checkpointing: bool, latent_dim: int = LA
     return enc, gen
 
 
-def step_inputs(resolution_px: int, batch: int, seed: int, latent_dim: int = LATENT_DIM
-                ) -> tuple[torch.Tensor, StepNoise]:
-    """A random image batch (B, 3, R, R) in [0, 1] and the step's noise."""
+def step_inputs(resolution_px: int, batch: int, seed: int, latent_dim: int = LATENT_DIM,
+                device: torch.device = CPU) -> tuple[torch.Tensor, StepNoise]:
+    """A random image batch (B, 3, R, R) in [0, 1] and the step's noise, on `device`.
+
+    Drawn on the CPU from one seeded generator and then moved, so every device gets the same
+    values."""
     rng = torch.Generator().manual_seed(seed)
-    x = torch.rand(batch, 3, resolution_px, resolution_px, generator=rng)
-    return x, StepNoise.sample(batch, latent_dim, rng, torch.device("cpu"))
+    x = torch.rand(batch, 3, resolution_px, resolution_px, generator=rng).to(device)
+    return x, StepNoise.sample(batch, latent_dim, rng, device)
 
 
 def count_step_flops_per_image(resolution_px: int, checkpointing: bool, latent_dim: int = LATENT_DIM,
@@ -196,17 +230,12 @@ def param_dtype(engine: Engine) -> torch.dtype:
     return next(engine.module.parameters()).dtype
 
 
-def timed_call(call: Callable[[], object]) -> tuple[float, float]:
-    """Wall seconds of `call()`, and the share of the cores this process got meanwhile.
-
-    The share is process CPU time / (wall time x threads): well below 1 means other processes
-    took cores during the call, so its time says more about the machine than about the step.
-    `call` should read a figure of its result, which waits for any asynchronous work.
-    """
-    start, cpu_start = time.perf_counter(), time.process_time()
-    call()
-    wall = time.perf_counter() - start
-    return wall, (time.process_time() - cpu_start) / (wall * torch.get_num_threads())
+def engines_device(variants: dict[str, EnginePair]) -> torch.device:
+    """The one device all engines' modules are on (DeepSpeed's accelerator): the inputs go there."""
+    devices = {module_device(e.module) for pair in variants.values() for e in pair}
+    if len(devices) != 1:
+        raise RuntimeError(f"the engines' modules are on several devices: {sorted(map(str, devices))}")
+    return devices.pop()
 
 
 def train_step_call(engines: EnginePair, x: torch.Tensor, noise: StepNoise,
@@ -224,15 +253,17 @@ class StepTimes:
     cpu_share: list[float]
 
 
-def run_rounds(calls: dict[str, Callable[[], object]], warmup_steps: int, steps: int) -> dict[str, StepTimes]:
+def run_rounds(calls: dict[str, Callable[[], object]], warmup_steps: int, steps: int,
+               device: torch.device = CPU) -> dict[str, StepTimes]:
     """Warm-up rounds, then `steps` timed rounds; each round runs every variant once, in order,
-    so a slow phase of the machine falls on all of them."""
+    so a slow phase of the machine falls on all of them. Each call is timed with `device`
+    synchronised at both ends (bench/device.py's `timed`)."""
     times = {name: StepTimes([], []) for name in calls}
     width = max(map(len, calls))
     for round_index in range(warmup_steps + steps):
         warm = round_index < warmup_steps
         for name, call in calls.items():
-            wall, share = timed_call(call)
+            wall, share = timed(call, device)
             if not warm:
                 times[name].wall_s.append(wall)
                 times[name].cpu_share.append(share)
@@ -252,37 +283,32 @@ def median_wall_s(times: dict[str, StepTimes], rounds: list[int]) -> dict[str, f
     return {name: statistics.median(t.wall_s[i] for i in rounds) for name, t in times.items()}
 
 
-def summarise(times: dict[str, StepTimes], rounds: list[int], batch: int, model_flops_per_image: float) -> list[Result]:
-    """Medians over `rounds` per variant, and the figures derived from them."""
+def summarise(times: dict[str, StepTimes], rounds: list[int], batch: int, model_flops_per_image: float,
+              peak: PeakTflops | None = None) -> list[Result]:
+    """Medians over `rounds` per variant, and the figures derived from them (MFU over
+    `peak.best` where the peak was measured)."""
     medians = median_wall_s(times, rounds)
     reference = medians[REFERENCE]
-    return [
-        Result(variant=name, step_s=t.wall_s, cpu_share=t.cpu_share, rounds_used=rounds,
-               median_step_s=medians[name], images_per_s=batch / medians[name],
-               ratio_to_reference=reference / medians[name],
-               model_tflop_per_s=model_flops_per_image * batch / medians[name] / 1e12,
-               median_cpu_share=statistics.median(t.cpu_share[i] for i in rounds))
-        for name, t in times.items()
-    ]
+    results = []
+    for name, t in times.items():
+        tflops = model_flops_per_image * batch / medians[name] / 1e12
+        results.append(Result(
+            variant=name, step_s=t.wall_s, cpu_share=t.cpu_share, rounds_used=rounds,
+            median_step_s=medians[name], images_per_s=batch / medians[name],
+            ratio_to_reference=reference / medians[name], model_tflop_per_s=tflops,
+            median_cpu_share=statistics.median(t.cpu_share[i] for i in rounds),
+            mfu=None if peak is None else tflops / peak.best))
+    return results
 
 
 def format_table(results: list[Result]) -> str:
-    lines = [f"{'variant':<8} {'median s/step':>13} {'images/s':>9} {'vs ' + REFERENCE:>8} {'TFLOP/s':>8} {'cpu share':>9}"]
+    lines = [f"{'variant':<8} {'median s/step':>13} {'images/s':>9} {'vs ' + REFERENCE:>8} {'TFLOP/s':>8} "
+             f"{'MFU':>5} {'cpu share':>9}"]
     for r in results:
+        mfu = "-" if r.mfu is None else f"{r.mfu:.0%}"
         lines.append(f"{r.variant:<8} {r.median_step_s:>13.3f} {r.images_per_s:>9.3f} "
-                     f"{r.ratio_to_reference:>7.2f}x {r.model_tflop_per_s:>8.3f} {r.median_cpu_share:>9.2f}")
+                     f"{r.ratio_to_reference:>7.2f}x {r.model_tflop_per_s:>8.3f} {mfu:>5} {r.median_cpu_share:>9.2f}")
     return "\n".join(lines)
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (what lscpu prints), else platform's guess."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -295,8 +321,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-checkpointing", action="store_true", help="keep activations instead of recomputing")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
     parser.add_argument("--min-cpu-share", type=float, default=0.9,
-                        help="leave out rounds where a variant had less of the cores (0 keeps all)")
+                        help="leave out rounds where a variant had less of the cores (0 keeps all; "
+                             "not applied with --device cuda)")
+    parser.add_argument("--mfu", action="store_true",
+                        help="on cpu also measure the bf16 peak for MFU (minutes without bf16 units; "
+                             "always done on cuda)")
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
+    add_device_arguments(parser)
     args = parser.parse_args(argv)
     if args.batch < 2 or args.steps < 1 or args.warmup_steps < 0 or args.threads < 1 or not 0 <= args.min_cpu_share <= 1:
         parser.error("expected --batch >= 2, --steps >= 1, --warmup-steps >= 0, --threads >= 1, "
@@ -305,24 +336,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def header(command: str, setup: Setup, args: argparse.Namespace, model_flops: float, executed_flops: float,
-           variants: dict[str, EnginePair], load_at_start: float) -> str:
+           variants: dict[str, EnginePair], load_at_start: float, device: torch.device,
+           peak: PeakTflops | None) -> str:
     """The lines printed above the per-step log: command, machine, setup, FLOPs, dtypes."""
     recompute = f"executed with recomputation {executed_flops / 1e9:.1f}" if setup.checkpointing else "no recomputation"
     dtypes = ", ".join(f"{name} {param_dtype(e)}/{param_dtype(g)}" for name, (e, g) in variants.items())
+    machine = describe(device) if device.type == "cuda" else f"{cpu_model()}, {os.cpu_count()} cores"
     return "\n".join([
         f"# {command}",
-        f"# {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; torch {torch.__version__}; "
+        f"# {machine}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
         f"1-min load average at start {load_at_start:.2f}",
+        f"# device {device}; {format_flags(backend_flags())}; "
+        + (peak.describe() if peak is not None else "bf16 peak not measured (no MFU; --mfu to measure it)"),
         f"# {asdict(setup)}; {args.warmup_steps} warm-up + {args.steps} timed steps per variant, interleaved",
         f"# model GFLOP per image per step {model_flops / 1e9:.1f} (forward + backward); {recompute}",
         f"# parameter dtypes (E, G): {dtypes}",
     ])
 
 
-def rounds_for_medians(times: dict[str, StepTimes], min_cpu_share: float) -> tuple[list[int], str]:
-    """The clean rounds and a line saying so; all rounds and a warning when none is clean."""
-    rounds = clean_rounds(times, min_cpu_share)
+def rounds_for_medians(times: dict[str, StepTimes], min_cpu_share: float,
+                       device: torch.device = CPU) -> tuple[list[int], str]:
+    """The clean rounds and a line saying so; all rounds and a warning when none is clean.
+    On a GPU all rounds and a line saying why (`device.cpu_share_filters`)."""
     total = len(next(iter(times.values())).wall_s)
+    if not cpu_share_filters(device):
+        return list(range(total)), (f"# medians over all {total} rounds (no core-share filter on {device.type}: "
+                                    f"process CPU time says nothing about GPU work)")
+    rounds = clean_rounds(times, min_cpu_share)
     if rounds:
         return rounds, (f"# medians over {len(rounds)} of {total} rounds (left out: rounds where a variant "
                         f"had < {min_cpu_share:.2f} of the cores)")
@@ -333,7 +373,9 @@ def rounds_for_medians(times: dict[str, StepTimes], min_cpu_share: float) -> tup
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = " ".join(["python", "bench/step_throughput.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    device = require_device(args.device, SCRIPT)  # before any work: a wrong machine costs nothing
+    set_cudnn_benchmark(args.cudnn_benchmark)
+    command = " ".join(["python", SCRIPT, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     setup = Setup(args.resolution_px, args.batch, args.zero_stage, not args.no_checkpointing)
     torch.set_num_threads(args.threads)
 
@@ -344,26 +386,34 @@ def main(argv: list[str] | None = None) -> int:
     from introvae_dist import engine  # imports DeepSpeed
 
     world_from_env()  # a world of one: sets RANK, WORLD_SIZE, MASTER_* for DeepSpeed
-    engine.init_distributed()
-    variants = {precision: build_variant(setup, precision) for precision in PRECISIONS}
+    rank_device = require_rank_device(device, engine.init_distributed(), SCRIPT)
     torch.set_num_threads(args.threads)  # after DeepSpeed's set-up, in case it changed them
+    # The peak before the engines exist: nothing else is on the device yet.
+    peak = peak_tflops(rank_device) if device.type == "cuda" or args.mfu else None
+    variants = {precision: build_variant(setup, precision) for precision in PRECISIONS}
+    torch.set_num_threads(args.threads)
     load_at_start = os.getloadavg()[0]
-    print(header(command, setup, args, model_flops, executed_flops, variants, load_at_start), flush=True)
+    print(header(command, setup, args, model_flops, executed_flops, variants, load_at_start, rank_device, peak),
+          flush=True)
 
-    x, noise = step_inputs(setup.resolution_px, setup.batch_per_rank, SEED + 1)
+    # The inputs follow the engines: DeepSpeed put the modules on its accelerator's device.
+    x, noise = step_inputs(setup.resolution_px, setup.batch_per_rank, SEED + 1, device=engines_device(variants))
     calls = {name: train_step_call(engines, x, noise) for name, engines in variants.items()}
-    times = run_rounds(calls, args.warmup_steps, args.steps)
-    rounds, note = rounds_for_medians(times, args.min_cpu_share)
-    results = summarise(times, rounds, setup.batch_per_rank, model_flops)
+    times = run_rounds(calls, args.warmup_steps, args.steps, rank_device)
+    rounds, note = rounds_for_medians(times, args.min_cpu_share, rank_device)
+    results = summarise(times, rounds, setup.batch_per_rank, model_flops, peak)
     print(note)
     print(format_table(results))
 
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "command": command, "cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "command": command, "device": device_record(rank_device), "backend_flags": backend_flags(),
+            "cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "load_average_at_start": load_at_start, "setup": asdict(setup),
-            "warmup_steps": args.warmup_steps, "steps": args.steps, "min_cpu_share": args.min_cpu_share,
+            "warmup_steps": args.warmup_steps, "steps": args.steps,
+            "min_cpu_share": args.min_cpu_share if cpu_share_filters(rank_device) else None,
+            "peak_tflops": None if peak is None else {**asdict(peak), "best": peak.best},
             "model_flops_per_image": model_flops, "executed_flops_per_image": executed_flops,
             "results": [asdict(r) for r in results],
         }, indent=2) + "\n")
