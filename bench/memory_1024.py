@@ -16,7 +16,9 @@ timed step resets the kernel's peak counter (/proc/self/clear_refs, 5), reads th
 before the step, and the peak after it: the step's peak working memory on top of weights,
 gradients and optimiser state. Activation memory per image is the slope between two batch
 sizes, (peak(B2) - peak(B1)) / (B2 - B1), which cancels everything that does not grow with the
-batch. Processes run in the order none, all, side>=N for each batch, one after another.
+batch; with more than two `--batches` it is the least-squares slope over all of them (on a GPU
+this shows whether the peak grows linearly up to large batches, cuDNN's workspaces included).
+Processes run in the order none, all, side>=N for each batch, one after another.
 
 With `--device cuda` (passed on to every child) the engines are on the GPU (DeepSpeed's
 accelerator, the rank's device from `engine.init_distributed`), the batch and the noise are
@@ -41,6 +43,7 @@ the measured peaks per batch.
     python bench/memory_1024.py
     python bench/memory_1024.py --batches 2 4 --min-side-px 256
     python bench/memory_1024.py --device cuda --batches 8 16 --json /tmp/memory_1024_gpu.json
+    python bench/memory_1024.py --device cuda --batches 8 16 32 --min-side-px 512 --steps 1
 """
 
 from __future__ import annotations
@@ -130,6 +133,13 @@ def child(variant: str, min_side_px: int, batch: int, steps: int, device_name: s
     return result
 
 
+def slope(xs: list[int], ys: list[float]) -> float:
+    """The least-squares slope of ys over xs; with two points, (y2 - y1) / (x2 - x1)."""
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    return (sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys))
+            / sum((x - mean_x) ** 2 for x in xs))
+
+
 def run_child(variant: str, min_side_px: int, batch: int, steps: int, device: torch.device) -> dict[str, object]:
     env = dict(os.environ, MASTER_PORT=str(29500 + batch))
     if device.type == "cpu":  # freed tensors leave the resident set at once (see the module docstring)
@@ -145,7 +155,8 @@ def run_child(variant: str, min_side_px: int, batch: int, steps: int, device: to
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", type=int, nargs="+", default=[2, 4], help="two batch sizes for the slope")
+    parser.add_argument("--batches", type=int, nargs="+", default=[2, 4],
+                        help="two or more increasing batch sizes for the slope (least squares over all)")
     parser.add_argument("--min-side-px", type=int, default=256, help="the side>=N variant's threshold")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per process")
     parser.add_argument("--json", type=Path, help="also write the children's results and the table here as JSON")
@@ -155,22 +166,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(args.child, args.min_side_px, args.batches[0], args.steps, args.device)), flush=True)
         return 0
-    if len(args.batches) != 2 or not 1 <= args.batches[0] < args.batches[1]:
-        parser.error("--batches: expected two increasing batch sizes, e.g. 2 4")
+    batches: list[int] = args.batches
+    if len(batches) < 2 or batches[0] < 1 or any(a >= b for a, b in zip(batches, batches[1:])):
+        parser.error("--batches: expected two or more increasing batch sizes, e.g. 2 4")
     # Before any child starts. The parent never touches the GPU beyond this check (no CUDA
     # context of its own on the device the children measure); the children report its name.
     device = require_device(args.device, SCRIPT)
     on_gpu = device.type == "cuda"
-    b1, b2 = args.batches
+    b1, b2 = batches[0], batches[-1]  # the smallest (fixed memory) and the largest (step time)
     command = f"python {SCRIPT} {' '.join(sys.argv[1:] if argv is None else argv)}"
     print(f"# {command}\n"
           f"# {RESOLUTION_PX} px, latent {LATENT_DIM}, bf16, channels-last, ZeRO 1, {os.cpu_count()} threads, "
-          f"batches {b1} and {b2}, {args.steps} timed steps per process, device {device.type}; step peak = "
+          f"batches {', '.join(map(str, batches))}, {args.steps} timed steps per process, device {device.type}; step peak = "
           + ("max_memory_allocated - memory_allocated before the step" if on_gpu else "VmHWM - VmRSS before the step"),
           flush=True)
     names = {"none": "none", "all": "all", "side": f"side>={args.min_side_px}"}
     results: dict[str, dict[int, dict[str, object]]] = {v: {} for v in names}
-    for batch in (b1, b2):
+    for batch in batches:
         for variant in names:
             r = run_child(variant, args.min_side_px, batch, args.steps, device)
             results[variant][batch] = r
@@ -187,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"# parameters (E + G): {params / 1e6:.1f} M; fixed per GPU: {BYTES_PER_PARAM} B/param = "
               f"{params * BYTES_PER_PARAM / GIB:.2f} GiB + {CUDA_RESERVE_BYTES / GIB:.0f} GiB reserve")
-    per_image = {v: (float(r[b2]["step_peak_bytes"]) - float(r[b1]["step_peak_bytes"])) / (b2 - b1)  # type: ignore[arg-type]
+    per_image = {v: slope(batches, [float(r[b]["step_peak_bytes"]) for b in batches])  # type: ignore[arg-type]
                  for v, r in results.items()}
     header = "| checkpointing | activation GiB/image | vs none | s/step at batch {b} | vs none | " \
              "largest batch 80 GB (extrapolated) | largest batch 141 GB (extrapolated) |"
@@ -206,15 +218,15 @@ def main(argv: list[str] | None = None) -> int:
                       "largest_batch_extrapolated": dict(zip(map(str, GPU_CAPACITIES_GB), fits))})
         print(f"| {names[v]} | {per_image[v] / GIB:.3f} | {per_image[v] / per_image['none']:.0%} | {step_s:.2f} | "
               f"{step_s / step_none - 1:+.0%} | {fits[0]} | {fits[1]} |")
-    print("# largest batch: extrapolated from the two measured batches, not measured; on a GPU measure it "
+    print("# largest batch: extrapolated from the measured batches, not measured; on a GPU measure it "
           "with --batches near that figure")
 
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "command": command, "device": results["none"][b1]["device"], "torch": torch.__version__,
-            "batches": [b1, b2], "steps": args.steps, "min_side_px": args.min_side_px,
-            "measured": {names[v]: [r[b] for b in (b1, b2)] for v, r in results.items()}, "table": table,
+            "batches": batches, "steps": args.steps, "min_side_px": args.min_side_px,
+            "measured": {names[v]: [r[b] for b in batches] for v, r in results.items()}, "table": table,
         }, indent=2) + "\n")
     return 0
 

@@ -36,6 +36,8 @@ CPUs without bf16 vector units take minutes over it.
     python bench/step_throughput.py
     python bench/step_throughput.py --no-checkpointing --steps 5 --json /tmp/step.json
     python bench/step_throughput.py --device cuda --batch 64 --json /tmp/step_gpu.json
+    python bench/step_throughput.py --device cuda --resolution-px 1024 --batch 16 --channels-last \
+        --checkpoint-min-side-px 512
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ import shlex
 import statistics
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -107,6 +109,11 @@ class Setup:
     batch_per_rank: int
     zero_stage: int
     checkpointing: bool
+    #: Activations in channels-last (train.channels_last), the layout cuDNN's bf16 tensor-core
+    #: kernels and oneDNN prefer; the batch is converted to it as the trainer does.
+    channels_last: bool = False
+    #: model.checkpoint_min_side_px: recompute only blocks at least this large (0: all).
+    checkpoint_min_side_px: int = 0
 
 
 @dataclass
@@ -125,6 +132,9 @@ class Result:
     median_cpu_share: float
     #: model TFLOP/s / the measured bf16 peak; None where the peak was not measured.
     mfu: float | None
+    #: The largest torch.cuda.max_memory_allocated() of its timed steps (all engines' weights,
+    #: gradients and optimiser state included); None on the CPU.
+    peak_memory_gib: float | None = None
 
 
 class PlainEngine:
@@ -173,7 +183,7 @@ def step_inputs(resolution_px: int, batch: int, seed: int, latent_dim: int = LAT
 
 
 def count_step_flops_per_image(resolution_px: int, checkpointing: bool, latent_dim: int = LATENT_DIM,
-                               order: StepOrder = "algorithm1") -> float:
+                               order: StepOrder = "algorithm1", min_side_px: int = 0) -> float:
     """FLOPs per image of one plain-PyTorch train_step (forward + backward) in `order`.
 
     Counted on the meta device: shapes only, so even the 1024 px networks cost no memory and
@@ -184,6 +194,8 @@ def count_step_flops_per_image(resolution_px: int, checkpointing: bool, latent_d
         widths = table3_widths(resolution_px)
         enc = Encoder(resolution_px, latent_dim, widths, "batch", checkpointing)
         gen = Generator(resolution_px, latent_dim, widths, "batch", checkpointing)
+        for net in (enc, gen):
+            set_checkpointing(net, checkpointing, min_side_px)
         x = torch.rand(FLOP_COUNT_BATCH, 3, resolution_px, resolution_px)
         noise = StepNoise(torch.randn(FLOP_COUNT_BATCH, latent_dim), torch.randn(FLOP_COUNT_BATCH, latent_dim))
     with FlopCounter() as counter:
@@ -251,6 +263,8 @@ class StepTimes:
 
     wall_s: list[float]
     cpu_share: list[float]
+    #: torch.cuda.max_memory_allocated() at the end of each timed step, reset before it (CUDA only).
+    peak_bytes: list[int] = field(default_factory=list)
 
 
 def run_rounds(calls: dict[str, Callable[[], object]], warmup_steps: int, steps: int,
@@ -263,10 +277,14 @@ def run_rounds(calls: dict[str, Callable[[], object]], warmup_steps: int, steps:
     for round_index in range(warmup_steps + steps):
         warm = round_index < warmup_steps
         for name, call in calls.items():
+            if device.type == "cuda":  # each variant's own peak: the others' tensors are freed by now
+                torch.cuda.reset_peak_memory_stats(device)
             wall, share = timed(call, device)
             if not warm:
                 times[name].wall_s.append(wall)
                 times[name].cpu_share.append(share)
+                if device.type == "cuda":
+                    times[name].peak_bytes.append(torch.cuda.max_memory_allocated(device))
             label = f"warm-up {round_index + 1}" if warm else f"round {round_index - warmup_steps + 1}"
             print(f"  {label:>10} {name:>{width}}: {wall:7.2f} s, cpu share {share:4.2f}", flush=True)
     return times
@@ -297,17 +315,20 @@ def summarise(times: dict[str, StepTimes], rounds: list[int], batch: int, model_
             median_step_s=medians[name], images_per_s=batch / medians[name],
             ratio_to_reference=reference / medians[name], model_tflop_per_s=tflops,
             median_cpu_share=statistics.median(t.cpu_share[i] for i in rounds),
-            mfu=None if peak is None else tflops / peak.best))
+            mfu=None if peak is None else tflops / peak.best,
+            peak_memory_gib=max(t.peak_bytes) / 2**30 if t.peak_bytes else None))
     return results
 
 
 def format_table(results: list[Result]) -> str:
     lines = [f"{'variant':<8} {'median s/step':>13} {'images/s':>9} {'vs ' + REFERENCE:>8} {'TFLOP/s':>8} "
-             f"{'MFU':>5} {'cpu share':>9}"]
+             f"{'MFU':>5} {'cpu share':>9} {'peak GiB':>8}"]
     for r in results:
         mfu = "-" if r.mfu is None else f"{r.mfu:.0%}"
+        memory = "-" if r.peak_memory_gib is None else f"{r.peak_memory_gib:.2f}"
         lines.append(f"{r.variant:<8} {r.median_step_s:>13.3f} {r.images_per_s:>9.3f} "
-                     f"{r.ratio_to_reference:>7.2f}x {r.model_tflop_per_s:>8.3f} {mfu:>5} {r.median_cpu_share:>9.2f}")
+                     f"{r.ratio_to_reference:>7.2f}x {r.model_tflop_per_s:>8.3f} {mfu:>5} {r.median_cpu_share:>9.2f} "
+                     f"{memory:>8}")
     return "\n".join(lines)
 
 
@@ -319,6 +340,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, default=1, help="untimed steps per variant first")
     parser.add_argument("--zero-stage", type=int, default=1, choices=(0, 1, 2, 3), help="ZeRO stage of both engines")
     parser.add_argument("--no-checkpointing", action="store_true", help="keep activations instead of recomputing")
+    parser.add_argument("--checkpoint-min-side-px", type=int, default=0,
+                        help="recompute only residual blocks at least this large (model.checkpoint_min_side_px; 0: all)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="channels-last activations and batch (train.channels_last), as the presets train")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
     parser.add_argument("--min-cpu-share", type=float, default=0.9,
                         help="leave out rounds where a variant had less of the cores (0 keeps all; "
@@ -329,6 +354,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
     add_device_arguments(parser)
     args = parser.parse_args(argv)
+    if args.checkpoint_min_side_px < 0:
+        parser.error(f"--checkpoint-min-side-px {args.checkpoint_min_side_px}: expected >= 0 (0: every block)")
     if args.batch < 2 or args.steps < 1 or args.warmup_steps < 0 or args.threads < 1 or not 0 <= args.min_cpu_share <= 1:
         parser.error("expected --batch >= 2, --steps >= 1, --warmup-steps >= 0, --threads >= 1, "
                      "0 <= --min-cpu-share <= 1")
@@ -376,12 +403,14 @@ def main(argv: list[str] | None = None) -> int:
     device = require_device(args.device, SCRIPT)  # before any work: a wrong machine costs nothing
     set_cudnn_benchmark(args.cudnn_benchmark)
     command = " ".join(["python", SCRIPT, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
-    setup = Setup(args.resolution_px, args.batch, args.zero_stage, not args.no_checkpointing)
+    setup = Setup(args.resolution_px, args.batch, args.zero_stage, not args.no_checkpointing, args.channels_last,
+                  args.checkpoint_min_side_px)
     torch.set_num_threads(args.threads)
 
     # FLOPs first, on plain modules: no DeepSpeed needed for the count.
     model_flops = count_step_flops_per_image(setup.resolution_px, checkpointing=False)
-    executed_flops = count_step_flops_per_image(setup.resolution_px, True) if setup.checkpointing else model_flops
+    executed_flops = (count_step_flops_per_image(setup.resolution_px, True, min_side_px=setup.checkpoint_min_side_px)
+                      if setup.checkpointing else model_flops)
 
     from introvae_dist import engine  # imports DeepSpeed
 
@@ -390,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)  # after DeepSpeed's set-up, in case it changed them
     # The peak before the engines exist: nothing else is on the device yet.
     peak = peak_tflops(rank_device) if device.type == "cuda" or args.mfu else None
-    variants = {precision: build_variant(setup, precision) for precision in PRECISIONS}
+    variants = {precision: build_variant(setup, precision, channels_last=setup.channels_last,
+                                         min_side_px=setup.checkpoint_min_side_px) for precision in PRECISIONS}
     torch.set_num_threads(args.threads)
     load_at_start = os.getloadavg()[0]
     print(header(command, setup, args, model_flops, executed_flops, variants, load_at_start, rank_device, peak),
@@ -398,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # The inputs follow the engines: DeepSpeed put the modules on its accelerator's device.
     x, noise = step_inputs(setup.resolution_px, setup.batch_per_rank, SEED + 1, device=engines_device(variants))
+    if setup.channels_last:  # as the trainer converts each batch (train.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     calls = {name: train_step_call(engines, x, noise) for name, engines in variants.items()}
     times = run_rounds(calls, args.warmup_steps, args.steps, rank_device)
     rounds, note = rounds_for_medians(times, args.min_cpu_share, rank_device)
