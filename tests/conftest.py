@@ -33,9 +33,12 @@ def run(cmd: list[str], timeout_s: float = 600, env: dict[str, str] | None = Non
     """Run a launcher from the repo root with the package importable (plus ``env``).
 
     PYTHONFAULTHANDLER makes a process that dies of a native fault or abort print every
-    thread's Python stack to stderr, so a failing test's tail says where it died.
+    thread's Python stack to stderr, so a failing test's tail says where it died. An existing
+    PYTHONPATH is kept behind the repository: on the GPU machine it holds the wheels that
+    bench/gpu_check.sh installs with ``--target`` (DeepSpeed, WebDataset).
     """
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1",
+    python_path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "PYTHONPATH": python_path, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1",
            **(env or {})}
     env.pop("RANK", None), env.pop("WORLD_SIZE", None)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)

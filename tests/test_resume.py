@@ -60,28 +60,65 @@ def test_resume_is_bitwise_exact_in_fp32_with_two_ranks(tiny_shards: Path, tmp_p
     2 ranks x 2 loader workers, 4 images per step: an epoch is 16 steps, so N = 5 stops
     mid-epoch with the workers' turn in the middle, and M = 15 runs across the epoch boundary.
     """
+    check_resume_matches_one_go(tiny_shards, tmp_path, ranks=2)
+
+
+#: Resume on a GPU against one go, where the two runs may differ by rounding (see
+#: :func:`check_resume_matches_one_go`). The defects this check is for are far larger: a wrong
+#: data position or noise stream changes the batch (losses off by percents, every weight by up
+#: to lr per step, 2e-4), lost Adam moments move every weight of the first resumed step by
+#: O(lr). fp32 rounding through 20 Adam steps is expected near 1e-7 (not yet measured on a GPU).
+GPU_RESUME_TOL = {"rtol": 1e-4, "atol": 1e-5}
+
+
+def check_resume_matches_one_go(shards: Path, tmp_path: Path, ranks: int,
+                                tolerance: dict[str, float] | None = None) -> bool:
+    """20 steps in one go against 5 steps, stop, resume, 15 steps, at `ranks` ranks through the
+    deepspeed launcher, fp32: the same losses every step, weights, BatchNorm buffers, RNGs and
+    data positions. Returns whether losses and weights were bitwise equal.
+
+    `tolerance=None` (the CPU) asks for bitwise equality. On a GPU (tests/test_cuda.py) cuDNN
+    may pick a backward algorithm that sums in a different order in each process
+    (`torch.backends.cudnn.deterministic` is off in training), so losses, weights and buffers
+    are compared within `tolerance` (torch.testing.assert_close's rtol/atol); the RNG states
+    and the data positions are still compared exactly.
+    """
     extra = [*FP32, "data.num_workers=2", "train.save_every_steps=5", "train.keep_last_checkpoints=10"]
-    whole = _two_ranks(tiny_shards, tmp_path / "a", 20, *extra)
-    assert whole.returncode == 0, tail(whole)
-    first = _two_ranks(tiny_shards, tmp_path / "b", 5, *extra)
-    assert first.returncode == 0, tail(first)
-    second = _two_ranks(tiny_shards, tmp_path / "b", 20, *extra)
-    assert second.returncode == 0, tail(second)
-    assert "resuming from" in second.stdout + second.stderr and "step_00000005" in second.stdout + second.stderr
+    runs = {"whole": (tmp_path / "a", 20), "first": (tmp_path / "b", 5), "second": (tmp_path / "b", 20)}
+    procs = {}
+    for name, (root, steps) in runs.items():
+        procs[name] = run(deepspeed_cmd(ranks, *_args(shards, root, steps, *extra)))
+        assert procs[name].returncode == 0, f"{name}: {tail(procs[name])}"
+    out = procs["second"].stdout + procs["second"].stderr
+    assert "resuming from" in out and "step_00000005" in out, tail(procs["second"])
 
     a, b = tmp_path / "a" / "cpu-synthetic", tmp_path / "b" / "cpu-synthetic"
     _assert_continuous(b, 20)
-    assert _losses(_records(a)) == _losses(_records(b))  # exact float equality, every step
     assert [r["epoch"] for r in _records(a)] == [r["epoch"] for r in _records(b)]
-    for net in ("encoder", "generator"):
-        wa, wb = _weights(_step_dir(a, 20), net), _weights(_step_dir(b, 20), net)
-        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), net
-    for rank in (0, 1):  # every rank's own BatchNorm statistics and RNGs
+    losses_a, losses_b = _losses(_records(a)), _losses(_records(b))
+    weights = {net: (_weights(_step_dir(a, 20), net), _weights(_step_dir(b, 20), net)) for net in ("encoder", "generator")}
+    for net, (wa, wb) in weights.items():
+        assert wa.keys() == wb.keys(), net
+    exact = losses_a == losses_b and all(torch.equal(wa[k], wb[k]) for wa, wb in weights.values() for k in wa)
+    if tolerance is None:
+        assert losses_a == losses_b  # exact float equality, every step
+        assert exact, "weights after step 20 differ"
+    else:
+        torch.testing.assert_close(torch.tensor(losses_b), torch.tensor(losses_a), **tolerance)
+        for net, (wa, wb) in weights.items():
+            torch.testing.assert_close(wb, wa, **tolerance, msg=lambda m, net=net: f"{net}: {m}")
+    for rank in range(ranks):  # every rank's own BatchNorm statistics and RNGs
         ra = torch.load(_step_dir(a, 20) / "ranks" / f"rank_{rank:05d}.pt", weights_only=True)
         rb = torch.load(_step_dir(b, 20) / "ranks" / f"rank_{rank:05d}.pt", weights_only=True)
         for net in ("encoder", "generator"):
-            assert all(torch.equal(ra["buffers"][net][k], rb["buffers"][net][k]) for k in ra["buffers"][net])
+            assert ra["buffers"][net].keys() == rb["buffers"][net].keys()
+            for k in ra["buffers"][net]:
+                if tolerance is None:
+                    assert torch.equal(ra["buffers"][net][k], rb["buffers"][net][k]), (net, k)
+                else:
+                    torch.testing.assert_close(rb["buffers"][net][k], ra["buffers"][net][k], **tolerance)
         assert torch.equal(ra["rngs"]["noise"], rb["rngs"]["noise"]) and ra["stream"] == rb["stream"]
+    return exact
 
 
 def test_resume_in_bf16_agrees_within_bf16_rounding(tiny_shards: Path, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ This file runs Algorithm 1 as the paper writes it, in one process on the whole b
 optimiser steps included, so anything DeepSpeed adds to the arithmetic of a step (clipping,
 a different Adam, gradient scaling, a missed or doubled update) shows here, where the
 gradient test (test_distributed.py) compares gradients before the step and cannot see it.
+tests/test_cuda.py runs the same worker and reference at one rank on a GPU (NCCL).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from introvae_dist.models import Encoder, Generator
 
 # The worker's networks, rebuilt here from their saved initial weights.
 RES_PX, LATENT, WIDTHS = 16, 8, (8, 16)
+CPU = torch.device("cpu")
 
 
 def kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -38,13 +40,16 @@ def l_ae(x_r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class Reference:
-    """Algorithm 1 in plain PyTorch: E, G and one `torch.optim.Adam` each (Sec. 4.1)."""
+    """Algorithm 1 in plain PyTorch: E, G and one `torch.optim.Adam` each (Sec. 4.1), on
+    `device` (the worker's, so that a GPU run is compared with the same GPU's arithmetic)."""
 
-    def __init__(self, report: dict[str, Any]) -> None:
+    def __init__(self, report: dict[str, Any], device: torch.device = CPU) -> None:
         self.enc = Encoder(RES_PX, LATENT, WIDTHS, norm=report["norm"], checkpointing=False)
         self.gen = Generator(RES_PX, LATENT, WIDTHS, norm=report["norm"], checkpointing=False)
         self.enc.load_state_dict(report["init"]["encoder"])
         self.gen.load_state_dict(report["init"]["generator"])
+        self.enc.to(device)  # before the optimisers, so their state is made there too
+        self.gen.to(device)
         adam = dict(lr=report["lr"], betas=report["betas"], eps=report["eps"], fused=report["fused_adam"])
         self.opt_e = torch.optim.Adam(self.enc.parameters(), **adam)
         self.opt_g = torch.optim.Adam(self.gen.parameters(), **adam)
@@ -95,16 +100,18 @@ class Reference:
         self.opt_e.step()
 
     def weights(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {"encoder": {k: p.detach().clone() for k, p in self.enc.named_parameters()},
-                "generator": {k: p.detach().clone() for k, p in self.gen.named_parameters()}}
+        """On the CPU, where the worker's gathered weights are (`engine.full_fp32_params`)."""
+        return {"encoder": {k: p.detach().cpu().clone() for k, p in self.enc.named_parameters()},
+                "generator": {k: p.detach().cpu().clone() for k, p in self.gen.named_parameters()}}
 
 
-def reference_weights(report: dict[str, Any], order: str) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
-    ref = Reference(report)
+def reference_weights(report: dict[str, Any], order: str,
+                      device: torch.device = CPU) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
+    ref = Reference(report, device)
     step_fn: Callable[..., None] = getattr(ref, order)
     out = {}
     for step, (x, eps, z_p) in enumerate(report["inputs"], start=1):
-        step_fn(x, eps, z_p)
+        step_fn(x.to(device), eps.to(device), z_p.to(device))
         if step in (1, report["steps"]):
             out[step] = ref.weights()
     return out
@@ -141,11 +148,12 @@ def reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any
     return out
 
 
-def differences(report: dict[str, Any]) -> dict[str, float]:
-    """'CASE step N NETWORK' -> the largest absolute weight difference to the reference."""
+def differences(report: dict[str, Any], device: torch.device = CPU) -> dict[str, float]:
+    """'CASE step N NETWORK' -> the largest absolute weight difference to the reference run on
+    `device`."""
     table: dict[str, float] = {}
     for case, got in report["cases"].items():
-        want = reference_weights(report, order=case.split("_", 1)[1])
+        want = reference_weights(report, case.split("_", 1)[1], device)
         for step in want:
             for net in ("encoder", "generator"):
                 diff, _name = max_abs_diff(got[step][net], want[step][net])

@@ -10,6 +10,13 @@ run its plain-PyTorch Algorithm 1 on exactly the same numbers.
 
 GroupNorm, because its output does not depend on how the batch is split over ranks.
 ``--grad-clip-norm X`` sets `grad_clip_norm` of both engines (the test's control case).
+
+The engines run where DeepSpeed's accelerator puts them: the rank's device that
+`engine.init_distributed` returns (cuda:LOCAL_RANK on a GPU machine, over NCCL; the CPU over
+gloo). The inputs are drawn on the CPU, so every device gets the same numbers, and each step's
+share is moved to that device. cuDNN's TF32 for fp32 convolutions (on by default in torch) is
+turned off: the reference of tests/test_cuda.py turns it off too, so both compute fp32
+convolutions in fp32 and the comparison sees rounding, not TF32's 10-bit mantissa.
 """
 
 from __future__ import annotations
@@ -67,14 +74,15 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     args = parser.parse_args()
     world = world_from_env()
-    engine.init_distributed()
+    device = engine.init_distributed()
+    torch.backends.cudnn.allow_tf32 = False  # see the module docstring; no effect on the CPU
     per_rank = BATCH_GLOBAL // world.world_size
     rows = slice(world.rank * per_rank, (world.rank + 1) * per_rank)
     inputs = step_inputs()
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     enc0, gen0 = networks(args.norm, args.channels_last)
     report: dict[str, object] = {
-        "world_size": world.world_size, "steps": STEPS, "lr": LR, "betas": BETAS, "eps": EPS,
+        "world_size": world.world_size, "device": str(device), "steps": STEPS, "lr": LR, "betas": BETAS, "eps": EPS,
         "weights": dataclasses.asdict(WEIGHTS),
         "grad_clip_norm": args.grad_clip_norm, "norm": args.norm, "fused_adam": EngineConfig.fused_adam,
         "init": {"encoder": enc0.state_dict(), "generator": gen0.state_dict()},
@@ -90,8 +98,9 @@ def main() -> None:
             g = engine.build_engine(gen, cfg, per_rank, world.world_size)
             after: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
             for step, (x, noise) in enumerate(inputs, start=1):
-                local = StepNoise(eps=noise.eps[rows], z_prior=noise.z_prior[rows])
-                train_step(e, g, x[rows].contiguous(memory_format=memory_format), local, WEIGHTS, order=order)  # type: ignore[arg-type]
+                local = StepNoise(eps=noise.eps[rows].to(device), z_prior=noise.z_prior[rows].to(device))
+                x_local = x[rows].to(device).contiguous(memory_format=memory_format)
+                train_step(e, g, x_local, local, WEIGHTS, order=order)  # type: ignore[arg-type]
                 if step in (1, STEPS):
                     after[step] = {"encoder": engine.full_fp32_params(e), "generator": engine.full_fp32_params(g)}
             report["cases"][f"zero{stage}_{order}"] = after  # type: ignore[index]
