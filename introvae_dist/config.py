@@ -175,9 +175,11 @@ class TrainConfig:
     #: pass over x_r and x_p for both updates, G's gradient with E before its step
     #: (Appendix C; introvae_dist.algorithm.shared_encoder_phases, docs/BENCHMARKS.md).
     step_order: Literal["algorithm1", "shared_encoder"] = "algorithm1"
-    #: Activations and weights in channels-last (NHWC) memory layout: faster convolutions in
-    #: oneDNN and cuDNN (docs/BENCHMARKS.md). Same results up to summation order.
-    channels_last: bool = True
+    #: Activations in channels-last (NHWC) memory layout: faster bf16 convolutions in oneDNN
+    #: and cuDNN, slower fp32 ones on a CPU (docs/BENCHMARKS.md). "auto": NHWC on CUDA or where
+    #: an engine runs bf16, NCHW for fp32 on a CPU (precision.choose_channels_last); resolved
+    #: before training, as precision is. Same results up to summation order.
+    channels_last: bool | Literal["auto"] = "auto"
 
     def validate(self) -> None:
         for name in ("batch_global", "total_steps", "log_every_steps", "sample_every_steps",
@@ -306,15 +308,17 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
-        errors = []
+        expected = []
         for option in options:
             if option is type(None):
                 continue
             try:
                 return _convert(value, option, key, source)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{source}: {key}: unsupported type")
+            except ConfigError:
+                # every option named in one message, e.g. "expected bool or 'auto'"
+                literal = typing.get_origin(option) is Literal
+                expected.append(" or ".join(map(repr, typing.get_args(option))) if literal else _type_name(option))
+        raise ConfigError(f"{source}: {key}={value!r}: expected {' or '.join(expected) or 'a supported type'}")
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:

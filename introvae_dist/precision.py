@@ -110,6 +110,25 @@ def choose(requested: str, support: Bf16Support, fp16: bool = False) -> Precisio
     return PrecisionChoice(requested, requested, f"{requested} as configured")
 
 
+def choose_channels_last(requested: bool | str, device: torch.device, precisions: list[str]) -> tuple[bool, str]:
+    """`train.channels_last: auto`: NHWC activations where the convolutions run in bf16 or on
+    CUDA, NCHW for fp32 on a CPU; an explicit true or false is kept. Returns (chosen, reason).
+
+    Why: cuDNN's tensor-core kernels and oneDNN's bf16 kernels want NHWC (1.19x a step in
+    bf16 on a Zen 4, docs/BENCHMARKS.md). oneDNN's fp32 kernels do not: with its AVX2 kernels
+    (those of a CPU without native bf16, where `auto` picks fp32) the 32 and 64 px steps of
+    bench/vs_authors.py ran 0.84x and 0.99x the authors' NCHW step in channels-last, 0.98x and
+    1.12x in NCHW, side by side.
+    """
+    if requested != "auto":
+        return bool(requested), f"train.channels_last={str(requested).lower()}: as configured"
+    if device.type == "cuda":
+        return True, "auto: channels-last, for cuDNN's tensor-core convolutions"
+    if "bf16" in precisions:
+        return True, "auto: channels-last, for oneDNN's bf16 convolutions on this CPU"
+    return False, "auto: NCHW, since fp32 convolutions on a CPU run as fast or faster in it"
+
+
 def _cpu_model_and_flags(cpuinfo: Path) -> tuple[str, set[str]]:
     model, flags = "unknown", set()
     try:

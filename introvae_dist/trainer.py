@@ -44,7 +44,7 @@ from introvae_dist.images import save_grid
 from introvae_dist.losses import LossWeights
 from introvae_dist.models import Encoder, Generator, set_checkpointing
 from introvae_dist.precision import (
-    PrecisionChoice, PrecisionError, bf16_support, choose, fp16_support, training_device,
+    PrecisionChoice, PrecisionError, bf16_support, choose, choose_channels_last, fp16_support, training_device,
 )
 from introvae_dist.rank_state import (
     capture_rngs, load_rank_state, module_buffers, restore_buffers, restore_rngs, save_rank_state,
@@ -79,6 +79,8 @@ class Plan:
     resume: ResumePlan
     #: Each engine section's precision as resolved on this rank's device ("encoder", "generator").
     precision: dict[str, PrecisionChoice]
+    #: Why train.channels_last is what it is (precision.choose_channels_last).
+    channels_last_reason: str = ""
 
 
 #: The run folder's record of each engine's precision: asked, chosen, and why.
@@ -103,10 +105,20 @@ def resolve_precision(cfg: Config, world: World) -> dict[str, PrecisionChoice]:
     return choices
 
 
+def resolve_channels_last(cfg: Config, world: World) -> str:
+    """Replace `train.channels_last: auto` by the layout for this device and the resolved
+    precisions, in place (after :func:`resolve_precision`); returns the reason."""
+    precisions = [getattr(cfg, name).precision for name in ENGINE_SECTIONS]
+    chosen, reason = choose_channels_last(cfg.train.channels_last, training_device(world.local_rank), precisions)
+    cfg.train.channels_last = chosen
+    return reason
+
+
 def plan_run(cfg: Config, world: World) -> Plan:
     """Check the user's input against the world; raise ConfigError/DataError with the reason.
     Resolves `precision: auto` in `cfg` (see :func:`resolve_precision`)."""
     precision = resolve_precision(cfg, world)
+    channels_last_reason = resolve_channels_last(cfg, world)
     if cfg.train.batch_global % world.world_size:
         raise ConfigError(
             f"train.batch_global={cfg.train.batch_global} does not divide over {world.world_size} ranks; "
@@ -131,7 +143,7 @@ def plan_run(cfg: Config, world: World) -> Plan:
         )
     resume = plan_resume(Path(cfg.run.root) / cfg.run.name, cfg.run.resume, config_to_dict(cfg))
     plan = Plan(shard_set=shard_set, batch_per_rank=batch_per_rank, widths=cfg.model.resolved_widths(), resume=resume,
-                precision=precision)
+                precision=precision, channels_last_reason=channels_last_reason)
     stream_spec(cfg, world, plan).validate()  # e.g. an epoch too small for one batch per stream
     return plan
 
@@ -301,6 +313,7 @@ class Trainer:
             print(f"{name} precision: {choice.reason}", flush=True)
             if choice.warning:
                 print(f"warning: {name}.precision: {choice.warning}", flush=True)
+        print(f"memory format: {self.plan.channels_last_reason}", flush=True)
         write_json_atomic(self.run_dir / PRECISION_NAME, {name: dataclasses.asdict(choice)
                                                          for name, choice in self.plan.precision.items()})
 
