@@ -37,9 +37,9 @@ from introvae_dist.data.image_prep import DEFAULT_JPEG_QUALITY, OUTPUT_FORMATS, 
 from introvae_dist.data.shard_job import ShardJob, ShardJobSummary, ShardWriteError, run_shard_job
 from introvae_dist.data.shard_writer import MANIFEST_NAME, SHARD_NAME_PATTERN, ShardInputError
 from introvae_dist.data.sources import FOLDER_EXTENSIONS, SourceKind, open_source
+from introvae_dist.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 
 PROG = "introvae-dist"
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 # One process per core up to 8: beyond that the source disk, not the CPU, is usually the limit.
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 

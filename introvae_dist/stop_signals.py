@@ -14,9 +14,7 @@ import sys
 from types import FrameType, TracebackType
 from typing import Any
 
-#: Exit status after a stop signal, once the checkpoint is complete: 75 is EX_TEMPFAIL of
-#: sysexits.h, "try again later", which is what a requeued job does.
-EXIT_SAVED_ON_SIGNAL = 75
+from introvae_dist.exit_codes import EXIT_SAVED_ON_SIGNAL  # the status after a stop signal
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 

@@ -55,8 +55,6 @@ from introvae_dist.resume import (
 from introvae_dist.run_log import RunLog
 from introvae_dist.stop_signals import StopSignals
 
-#: Exit code when a loss turns NaN or infinite (documented in README).
-EXIT_NON_FINITE = 3
 
 
 class NonFiniteLoss(RuntimeError):

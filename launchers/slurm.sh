@@ -55,6 +55,8 @@ set -euo pipefail
 PYTHON=${PYTHON:-python}
 # ---------------------------------------------------------------------------------------------
 
+# Exit codes: the values of introvae_dist/exit_codes.py, where each is defined and explained
+# (bash cannot import them; tests/test_exit_codes.py checks these two against it).
 EXIT_BAD_INPUT=2        # launchers/train.py: bad input, found before training
 EXIT_SAVED=75           # launchers/train.py: saved on SIGTERM/SIGUSR1; run again to resume
 NOTICE_S=300            # keep equal to the header's --signal=USR1@300

@@ -24,12 +24,9 @@ from introvae_dist.data.shard_set import DataError  # noqa: E402
 from introvae_dist.distributed import world_from_env  # noqa: E402
 from introvae_dist.data.loader import describe_epoch  # noqa: E402
 from introvae_dist.checkpoint import CheckpointError  # noqa: E402
-from introvae_dist.stop_signals import EXIT_SAVED_ON_SIGNAL, StopSignals  # noqa: E402
-from introvae_dist.trainer import EXIT_NON_FINITE, NonFiniteLoss, plan_run, stream_spec  # noqa: E402
-
-#: Exit status (also in README): 0 done; 2 bad input, found before training; 3 a loss became
-#: NaN/inf; 75 stopped by SIGTERM/SIGUSR1 after saving a complete checkpoint (requeue to resume).
-EXIT_BAD_INPUT = 2
+from introvae_dist.exit_codes import EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_SAVED_ON_SIGNAL  # noqa: E402
+from introvae_dist.stop_signals import StopSignals  # noqa: E402
+from introvae_dist.trainer import NonFiniteLoss, plan_run, stream_spec  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
