@@ -44,7 +44,7 @@ from introvae_dist.data.image_inputs import check_stored_size
 from introvae_dist.data.loader import read_image_range
 from introvae_dist.data.shard_set import DataError, ShardSet, resolve_shard_set, verify_shards, with_sample_counts
 from introvae_dist.data.tar_reader import ReadStats
-from introvae_dist.files import sha256_of_file
+from introvae_dist.files import sha256_of_file, write_atomic
 from introvae_dist.inference import decode, generated_batches, latents, module_dtype, to_uint8
 from introvae_dist.metrics.fid import FeatureExtractor, FeatureStats, frechet_distance
 from introvae_dist.metrics.inception import FEATURE_DIM, InceptionWeightsError, how_to_get_weights, load_fid_inception
@@ -345,15 +345,10 @@ def _read_cached(path: Path, key: dict[str, Any]) -> tuple[np.ndarray, np.ndarra
 
 def _write_cached(path: Path, key: dict[str, Any], mu: np.ndarray, sigma: np.ndarray, count: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as f:
-            np.savez(f, mu=mu, sigma=sigma, count=count, key=json.dumps(key, sort_keys=True))
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # Each process its own temporary name: several ranks may compute the same statistics at once.
+    write_atomic(path, lambda stream: np.savez(stream, mu=mu, sigma=sigma, count=count,
+                                               key=json.dumps(key, sort_keys=True)),
+                 tmp=path.with_name(f".{path.name}.{os.getpid()}.tmp"))
 
 
 def append_record(path: Path, record: dict[str, Any]) -> None:

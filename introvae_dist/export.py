@@ -34,6 +34,7 @@ from introvae_dist.checkpoint import (
     check_files,
     read_manifest,
 )
+from introvae_dist.files import write_atomic
 from introvae_dist.state_dict_check import state_dict_problems
 from introvae_dist.weights import (
     FORMAT,
@@ -117,11 +118,7 @@ def export_checkpoint(step_folder: Path, out: Path, *, overwrite: bool = False) 
 
         data = save(tensors, metadata=metadata)  # not save_file: it creates files with mode 0600
         del tensors
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(out)
+        write_atomic(out, lambda stream: stream.write(data), tmp=tmp)
     finally:
         tmp.unlink(missing_ok=True)
     return out

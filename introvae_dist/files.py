@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 def sha256_of_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
@@ -37,19 +38,29 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` via ``<path>.tmp`` + fsync + ``os.replace`` + folder fsync:
-    a reader sees the old content or the new, never a partial file."""
-    tmp_path = path.with_name(path.name + ".tmp")
+def write_atomic(path: Path, write: Callable[[IO[bytes]], object], tmp: Path | None = None) -> None:
+    """Replace ``path`` with what ``write(stream)`` writes to a binary stream, via a temporary
+    file in the same folder + fsync + ``os.replace`` + folder fsync: a reader sees the old
+    content or the new, never a partial file, and a failure leaves no temporary file behind.
+
+    ``tmp`` defaults to ``<path>.tmp``; pass one when several processes may write ``path`` at
+    once (each its own name), or when the caller reserved it earlier.
+    """
+    tmp_path = path.with_name(path.name + ".tmp") if tmp is None else tmp
     try:
-        with open(tmp_path, "w") as stream:
-            stream.write(text)
+        with open(tmp_path, "wb") as stream:
+            write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` (UTF-8) atomically and durably (see :func:`write_atomic`)."""
+    write_atomic(path, lambda stream: stream.write(text.encode()))
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:

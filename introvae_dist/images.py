@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from introvae_dist.files import write_atomic
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) floats in [0, 1] -> (B, H, W, 3) uint8, clipping out-of-range values."""
@@ -39,6 +41,4 @@ def save_grid(rows: Sequence[torch.Tensor], path: Path, pad_px: int = 2, min_cel
             top, left = pad_px + r * (h + pad_px), pad_px + c * (w + pad_px)
             canvas[top : top + h, left : left + w] = image
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(canvas).save(tmp)
-    tmp.replace(path)
+    write_atomic(path, lambda stream: Image.fromarray(canvas).save(stream, format="PNG"))

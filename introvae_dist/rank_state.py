@@ -10,7 +10,6 @@ Stored with ``torch.save`` as tensors and plain Python containers only, and read
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from introvae_dist.files import fsync_dir
+from introvae_dist.files import write_atomic
 
 RANK_STATE_FORMAT = "introvae-dist-rank-state/1"
 
@@ -68,12 +67,7 @@ def restore_buffers(module: nn.Module, buffers: dict[str, torch.Tensor]) -> None
 def save_rank_state(path: Path, state: dict[str, Any]) -> None:
     """Write one rank's state via a temp file and rename (the manifest lists it afterwards)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": RANK_STATE_FORMAT, **state}, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    fsync_dir(path.parent)
+    write_atomic(path, lambda stream: torch.save({"format": RANK_STATE_FORMAT, **state}, stream))
 
 
 def load_rank_state(path: Path) -> dict[str, Any]:
