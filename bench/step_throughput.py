@@ -83,7 +83,7 @@ from introvae_dist.algorithm import Engine, StepNoise, StepOrder, train_step  # 
 from introvae_dist.config import EngineConfig  # noqa: E402
 from introvae_dist.distributed import world_from_env  # noqa: E402
 from introvae_dist.losses import LossWeights  # noqa: E402
-from introvae_dist.models import Encoder, Generator, set_checkpointing, table3_widths  # noqa: E402
+from introvae_dist.models import Encoder, Generator, param_dtype, set_checkpointing, table3_widths  # noqa: E402
 
 Precision = Literal["bf16", "fp32"]
 #: The encoder's engine and the generator's engine of one variant.
@@ -238,10 +238,6 @@ def build_variant(setup: Setup, precision: Precision, channels_last: bool = Fals
             engine.build_engine(gen, cfg, setup.batch_per_rank, world_size))
 
 
-def param_dtype(engine: Engine) -> torch.dtype:
-    return next(engine.module.parameters()).dtype
-
-
 def engines_device(variants: dict[str, EnginePair]) -> torch.device:
     """The one device all engines' modules are on (DeepSpeed's accelerator): the inputs go there."""
     devices = {module_device(e.module) for pair in variants.values() for e in pair}
@@ -367,7 +363,7 @@ def header(command: str, setup: Setup, args: argparse.Namespace, model_flops: fl
            peak: PeakTflops | None) -> str:
     """The lines printed above the per-step log: command, machine, setup, FLOPs, dtypes."""
     recompute = f"executed with recomputation {executed_flops / 1e9:.1f}" if setup.checkpointing else "no recomputation"
-    dtypes = ", ".join(f"{name} {param_dtype(e)}/{param_dtype(g)}" for name, (e, g) in variants.items())
+    dtypes = ", ".join(f"{name} {param_dtype(e.module)}/{param_dtype(g.module)}" for name, (e, g) in variants.items())
     machine = describe(device) if device.type == "cuda" else f"{cpu_model()}, {os.cpu_count()} cores"
     return "\n".join([
         f"# {command}",

@@ -29,6 +29,7 @@ from introvae_dist.losses import (
     reconstruction_per_image,
     reparameterize,
 )
+from introvae_dist.models import param_dtype
 
 
 class Engine(Protocol):
@@ -83,13 +84,9 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
             p.requires_grad_(flag)
 
 
-def _param_dtype(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
-
-
 def _run(net: Callable[[torch.Tensor], object], module: nn.Module, t: torch.Tensor) -> object:
     """Call `net` on `t` cast to `module`'s dtype: E and G may run in different precisions."""
-    return net(t.to(_param_dtype(module)))
+    return net(t.to(param_dtype(module)))
 
 
 def _encode(net: Callable[[torch.Tensor], object], module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -206,5 +206,3 @@ def save_engine(engine: DeepSpeedEngine, folder: Path, tag: str, client_state: d
     engine.save_checkpoint(str(folder), tag=tag, client_state=client_state)
 
 
-def engine_dtype(engine: DeepSpeedEngine) -> torch.dtype:
-    return next(engine.module.parameters()).dtype

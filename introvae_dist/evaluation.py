@@ -45,11 +45,12 @@ from introvae_dist.data.loader import read_image_range
 from introvae_dist.data.shard_set import DataError, ShardSet, resolve_shard_set, verify_shards, with_sample_counts
 from introvae_dist.data.tar_reader import ReadStats
 from introvae_dist.files import sha256_of_file, write_atomic
-from introvae_dist.inference import decode, generated_batches, latents, module_dtype, to_uint8
+from introvae_dist.inference import decode, generated_batches, latents, to_uint8
 from introvae_dist.metrics.fid import FeatureExtractor, FeatureStats, frechet_distance
 from introvae_dist.metrics.inception import FEATURE_DIM, InceptionWeightsError, how_to_get_weights, load_fid_inception
 from introvae_dist.metrics.ms_ssim import PGGAN_WEIGHTS, ms_ssim
 from introvae_dist.metrics.pixels import mse_per_image, psnr_db
+from introvae_dist.models import param_dtype
 from introvae_dist.rank_work import Workers
 from introvae_dist.resume import EVAL_LOG_NAME  # noqa: F401  (the run folder's eval log; re-exported)
 
@@ -285,7 +286,7 @@ def _reconstruction_figures(encoder: nn.Module, generator: nn.Module, plan: Eval
 
 @torch.no_grad()
 def _reconstruct_from_mu(encoder: nn.Module, generator: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    mu, _ = encoder(x.to(device=device, dtype=module_dtype(encoder)))
+    mu, _ = encoder(x.to(device=device, dtype=param_dtype(encoder)))
     return decode(generator, mu, device)
 
 

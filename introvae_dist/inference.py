@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from introvae_dist.checkpoint import CHECKPOINTS_DIR, survey
-from introvae_dist.models import Encoder, Generator
+from introvae_dist.models import Encoder, Generator, param_dtype
 from introvae_dist.weights import ExportedModelConfig, WeightsError, build_models, load_exported, read_info
 
 #: Random streams drawn per image, so a latent and a reparameterisation noise never coincide.
@@ -159,22 +159,17 @@ def latents(seed: int, indices: range, latent_dim: int, stream: int = LATENT_STR
     return torch.stack(rows) if rows else torch.zeros(0, latent_dim)
 
 
-def module_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype of a module's parameters (bf16 inside a bf16 training engine)."""
-    return next(module.parameters()).dtype
-
-
 @torch.no_grad()
 def decode(generator: nn.Module, z: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """G(z) as float32 (B, 3, R, R) in [0, 1] on the CPU."""
-    images = generator(z.to(device=device, dtype=module_dtype(generator)))
+    images = generator(z.to(device=device, dtype=param_dtype(generator)))
     return images.float().clamp(0.0, 1.0).cpu()
 
 
 @torch.no_grad()
 def encode_mu(encoder: nn.Module, images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """E(x)'s mu, float32 (B, latent_dim) on the CPU; ``images`` float in [0, 1]."""
-    mu, _ = encoder(images.to(device=device, dtype=module_dtype(encoder)))
+    mu, _ = encoder(images.to(device=device, dtype=param_dtype(encoder)))
     return mu.float().cpu()
 
 
@@ -212,7 +207,7 @@ def reconstruct(models: Models, images: torch.Tensor, device: torch.device | str
     for first in range(0, images.shape[0], batch):
         x = images[first:first + batch]
         with torch.no_grad():
-            mu, logvar = models.encoder(x.to(device=device, dtype=module_dtype(models.encoder)))
+            mu, logvar = models.encoder(x.to(device=device, dtype=param_dtype(models.encoder)))
         z = mu.float().cpu()
         if stochastic:
             eps = latents(seed, range(first, first + x.shape[0]), z.shape[1], NOISE_STREAM)

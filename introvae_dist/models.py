@@ -340,3 +340,9 @@ def set_checkpointing(module: nn.Module, enabled: bool, min_side_px: int = 0) ->
         if isinstance(block, (ResidualBlock, Stem)):
             block.checkpointing = enabled
             block.checkpoint_min_side_px = min_side_px
+
+
+def param_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a module's parameters: bf16 inside a bf16 engine, fp32 otherwise. E and G
+    may differ (one precision per engine section), so inputs are cast per network."""
+    return next(module.parameters()).dtype

@@ -42,7 +42,7 @@ from introvae_dist.distributed import World, cpu_threads_per_rank
 from introvae_dist.files import write_json_atomic, write_text_atomic
 from introvae_dist.images import save_grid
 from introvae_dist.losses import LossWeights
-from introvae_dist.models import Encoder, Generator, set_checkpointing
+from introvae_dist.models import Encoder, Generator, param_dtype, set_checkpointing
 from introvae_dist.precision import (
     PrecisionChoice, PrecisionError, bf16_support, choose, choose_channels_last, fp16_support, training_device,
 )
@@ -442,7 +442,7 @@ class Trainer:
         enc, gen = self.enc.module, self.gen.module
         enc.eval(), gen.eval()
         try:
-            e_dtype, g_dtype = next(enc.parameters()).dtype, next(gen.parameters()).dtype
+            e_dtype, g_dtype = param_dtype(enc), param_dtype(gen)
             mu, _ = enc(self.grid_real.to(e_dtype))
             rec = gen(mu.to(g_dtype))
             sample = gen(self.grid_z.to(g_dtype))
