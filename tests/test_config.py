@@ -27,6 +27,8 @@ from introvae_dist.config import Config, ConfigError, EngineConfig, load_config
         ("generator.grad_clip_norm=-1", "generator.grad_clip_norm=-1.0: expected a value >= 0 (0 turns it off)"),
         ("encoder.grad_clip_norm=.nan", "encoder.grad_clip_norm=nan: expected a finite number"),
         ("encoder.grad_reduce_dtype=fp16", "encoder.grad_reduce_dtype='fp16': expected one of 'fp32', 'bf16'"),
+        ("train.grid_cell_px=-1", "train.grid_cell_px=-1: expected a value >= 0 (0 keeps the images' own size)"),
+        ("train.channels_last=maybe", "train.channels_last='maybe': expected bool or 'auto'"),
     ],
 )
 def test_bad_numbers_are_refused_with_the_key(override: str, message: str) -> None:

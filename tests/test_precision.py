@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from introvae_dist.config import ConfigError, load_config
+from introvae_dist.config import load_config
 from introvae_dist.distributed import World
 from introvae_dist.precision import bf16_support, choose, choose_channels_last
 
@@ -74,11 +74,10 @@ def test_channels_last_auto_is_nhwc_for_bf16_or_cuda_and_nchw_for_fp32_on_a_cpu(
     assert reason.startswith("auto: " if requested == "auto" else "train.channels_last=")
 
 
-def test_channels_last_takes_true_false_or_auto_and_names_the_key_otherwise() -> None:
+def test_channels_last_takes_true_false_or_auto() -> None:
+    """(A bad value is refused naming the key: tests/test_config.py.)"""
     assert load_config(None, ["train.channels_last=false"]).train.channels_last is False
     assert load_config(None, []).train.channels_last == "auto"
-    with pytest.raises(ConfigError, match="train.channels_last='maybe': expected bool or 'auto'"):
-        load_config(None, ["train.channels_last=maybe"])
 
 
 def test_every_preset_leaves_precision_to_the_device() -> None:

@@ -73,6 +73,8 @@ def test_plain_python_one_process_trains(tiny_shards: Path, tmp_path: Path) -> N
     proc = run([sys.executable, "launchers/train.py", "--config", "configs/cpu_synthetic.yaml",
                 *_overrides(tiny_shards, tmp_path / "runs", 4, "model.checkpoint_blocks=false")])
     assert proc.returncode == 0, tail(proc)
+    # The demo config sets channels-last itself (configs/cpu_synthetic.yaml), so auto is not asked.
+    assert "memory format: train.channels_last=true: as configured" in proc.stdout, tail(proc)
     run_dir = _only_run(tmp_path / "runs")
     _check_run(run_dir, 4, saves=[4])
     before = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")}
