@@ -14,17 +14,21 @@ This module imports torch only.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+if TYPE_CHECKING:  # the type only: importing config at run time would import YAML here
+    from introvae_dist.config import ModelConfig
 
 NormKind = Literal["batch", "group", "none"]
 
@@ -340,6 +344,21 @@ def set_checkpointing(module: nn.Module, enabled: bool, min_side_px: int = 0) ->
         if isinstance(block, (ResidualBlock, Stem)):
             block.checkpointing = enabled
             block.checkpoint_min_side_px = min_side_px
+
+
+def build_networks(model: ModelConfig, device: str | torch.device | None = None) -> tuple[Encoder, Generator]:
+    """Freshly initialised E and G of a model section (Table 3's widths unless it names its
+    own), with its activation checkpointing; ``device="meta"`` allocates nothing.
+
+    The one place E and G are built from a config: the trainer, exported weights and the
+    benchmarks all come here, so they cannot build different networks from the same section.
+    """
+    args = (model.resolution_px, model.latent_dim, model.resolved_widths(), model.norm, model.checkpoint_blocks)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        encoder, generator = Encoder(*args), Generator(*args)
+    for network in (encoder, generator):
+        set_checkpointing(network, model.checkpoint_blocks, model.checkpoint_min_side_px)
+    return encoder, generator
 
 
 def param_dtype(module: nn.Module) -> torch.dtype:
