@@ -83,7 +83,7 @@ def deepspeed_config(cfg: EngineConfig, batch_per_rank: int, world_size: int,
     Every key that changes the arithmetic of a step is set here rather than left to
     DeepSpeed's defaults; docs/DEEPSPEED.md lists each default, our value and why.
     """
-    if cfg.precision not in ("bf16", "fp32"):  # "auto" is resolved by trainer.plan_run
+    if cfg.precision not in ("bf16", "fp32"):  # "auto" is resolved by run_plan.plan_run
         raise ValueError(f"precision={cfg.precision!r}: resolve it to bf16 or fp32 before building an engine")
     bf16 = cfg.precision == "bf16"
     return {

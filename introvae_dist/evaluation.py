@@ -52,7 +52,7 @@ from introvae_dist.metrics.ms_ssim import PGGAN_WEIGHTS, ms_ssim
 from introvae_dist.metrics.pixels import mse_per_image, psnr_db
 from introvae_dist.models import param_dtype
 from introvae_dist.rank_work import Workers
-from introvae_dist.resume import EVAL_LOG_NAME  # noqa: F401  (the run folder's eval log; re-exported)
+from introvae_dist.run_log import EVAL_LOG_NAME  # noqa: F401  (the run folder's eval log; re-exported)
 
 METRICS = ("fid", "ms_ssim", "rmse")
 #: Environment variables: the Inception weights file, and the cache folder of real statistics.

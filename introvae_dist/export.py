@@ -1,6 +1,6 @@
 """A training checkpoint -> one safetensors file of fp32 weights for inference (``introvae-dist export``).
 
-Reads ``RUN/checkpoints/step_NNNNNNNN/`` as :class:`introvae_dist.trainer.Trainer` writes it:
+Reads ``RUN/checkpoints/step_NNNNNNNN/`` as :class:`introvae_dist.checkpointing.checkpointer.Checkpointer` writes it:
 ``encoder/`` and ``generator/`` (each a DeepSpeed ``save_checkpoint(..., tag="ds")`` folder, any
 ZeRO stage, any number of ranks, bf16 or fp32), ``trainer_state.json`` (step, images_seen, the
 run config) and the marker that the save finished. Writes the layout that
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from introvae_dist.checkpoint import (
+from introvae_dist.checkpointing.layout import (
     MANIFEST_NAME,
     CheckpointError,
     check_files,

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from introvae_dist.checkpoint import CHECKPOINTS_DIR, survey
+from introvae_dist.checkpointing.layout import CHECKPOINTS_DIR, survey
 from introvae_dist.models import Encoder, Generator, param_dtype
 from introvae_dist.weights import ExportedModelConfig, WeightsError, build_models, load_exported, read_info
 

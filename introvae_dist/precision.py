@@ -6,7 +6,7 @@ slower than fp32 on a Zen 2 and 57x slower on a Zen 3, both AVX2 only, where one
 it. GPUs have bf16 tensor cores from Ampere (compute capability 8.0) on; a V100 or T4 has none.
 
 Only torch is imported; the trainer resolves each engine section's precision once, before any
-engine starts (`trainer.plan_run`), and records the choice and its reason in the run folder.
+engine starts (`run_plan.plan_run`), and records the choice and its reason in the run folder.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The training log: a JSONL file of per-step figures and a progress bar, on rank 0 only."""
+"""The training log: a JSONL file of per-step figures and a progress bar, on rank 0 only; and
+the cut back of the run folder's per-step logs to the step a resume starts from."""
 
 from __future__ import annotations
 
@@ -10,6 +11,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from tqdm import tqdm
+
+from introvae_dist.files import write_text_atomic
+
+#: The run folder's per-step logs; both are cut back to the resumed step on a resume.
+METRICS_NAME = "metrics.jsonl"
+EVAL_LOG_NAME = "eval.jsonl"
+STEP_LOGS = (METRICS_NAME, EVAL_LOG_NAME)
 
 
 class RunLog:
@@ -60,3 +68,24 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/inf
     return value
+
+
+def trim_metrics(run_dir: Path, step: int, name: str = METRICS_NAME) -> int:
+    """Keep a per-step JSONL log (metrics.jsonl, eval.jsonl) up to ``step`` (the resumed one) so
+    it has no gap and no repeated step; the records after it (from steps that are redone) move
+    to NAME.discarded.jsonl. Returns how many were moved."""
+    path = run_dir / name
+    if not path.is_file():
+        return 0
+    kept, moved = [], []
+    for line in path.read_text().splitlines():
+        try:
+            later = json.loads(line).get("step", 0) > step
+        except ValueError:
+            later = True  # a line cut off by the kill
+        (moved if later else kept).append(line)
+    if moved:
+        with (run_dir / name.replace(".jsonl", ".discarded.jsonl")).open("a") as f:
+            f.write("\n".join(moved) + "\n")
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+    return len(moved)

@@ -23,10 +23,11 @@ from introvae_dist.config import ConfigError, dump_config, load_config  # noqa: 
 from introvae_dist.data.shard_set import DataError  # noqa: E402
 from introvae_dist.distributed import world_from_env  # noqa: E402
 from introvae_dist.data.loader import describe_epoch  # noqa: E402
-from introvae_dist.checkpoint import CheckpointError  # noqa: E402
+from introvae_dist.checkpointing.layout import CheckpointError  # noqa: E402
 from introvae_dist.exit_codes import EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_SAVED_ON_SIGNAL  # noqa: E402
 from introvae_dist.stop_signals import StopSignals  # noqa: E402
-from introvae_dist.trainer import NonFiniteLoss, plan_run, stream_spec  # noqa: E402
+from introvae_dist.maintenance import NonFiniteLoss  # noqa: E402
+from introvae_dist.run_plan import plan_run, stream_spec  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     if stopped_by is not None:
         if world.is_main:
-            print(f"stopped by {stopped_by} at step {trainer.step} after a complete checkpoint; "
+            print(f"stopped by {stopped_by} at step {trainer.progress.step} after a complete checkpoint; "
                   f"run again with the same config to resume (exit {EXIT_SAVED_ON_SIGNAL})")
         return EXIT_SAVED_ON_SIGNAL
     if world.is_main:

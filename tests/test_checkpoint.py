@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from introvae_dist.checkpoint import (
-    CheckpointError, check_files, config_changes, delete_checkpoint, describe_files, list_files, read_latest,
-    read_manifest, retention_victims, survey, write_latest, write_manifest,
+from introvae_dist.checkpointing.layout import (
+    CheckpointError, check_files, delete_checkpoint, describe_files, list_files, read_latest, read_manifest,
+    retention_victims, survey, write_latest, write_manifest,
 )
+from introvae_dist.checkpointing.resume_plan import config_changes, plan_resume
 from introvae_dist.config import ConfigError, config_to_dict, load_config
-from introvae_dist.resume import plan_resume, trim_metrics
+from introvae_dist.run_log import trim_metrics
 
 
 def _fake_checkpoint(root: Path, step: int, complete: bool = True, overrides: tuple[str, ...] = ()) -> Path:
@@ -121,7 +122,7 @@ def test_a_foreign_newest_checkpoint_names_the_older_one_that_fits_and_what_to_m
 
 
 def test_set_aside_folders_are_surveyed_oldest_first_and_only_the_newest_kept(tmp_path: Path) -> None:
-    from introvae_dist.checkpoint import set_aside_victims, survey
+    from introvae_dist.checkpointing.layout import set_aside_victims, survey
 
     ckpt = tmp_path / "checkpoints"
     for name in ("step_00000009.set-aside-1700000300", "step_00000003.set-aside-1700000100",
@@ -146,7 +147,7 @@ def test_trim_metrics_keeps_steps_up_to_the_resumed_one(tmp_path: Path) -> None:
 
 
 def test_run_folder_lock_refuses_a_second_job_and_names_the_first(tmp_path: Path) -> None:
-    from introvae_dist.resume import lock_run_dir
+    from introvae_dist.checkpointing.lock import lock_run_dir
 
     first = lock_run_dir(tmp_path / "run")
     with pytest.raises(ConfigError, match=r"run is in use by pid \d+ on "):

@@ -46,7 +46,7 @@ def test_explicit_bf16_without_native_bf16_runs_with_one_warning(tmp_path: Path)
 
 
 def test_plan_run_resolves_auto_in_the_config_before_the_resume_check(tiny_shards: Path, tmp_path: Path) -> None:
-    from introvae_dist.trainer import plan_run
+    from introvae_dist.run_plan import plan_run
 
     cfg = load_config(None, [f"data.shards={tiny_shards}", f"run.root={tmp_path}", "model.resolution_px=16",
                              "model.widths=[8,16]", "train.batch_global=4", "generator.precision=fp32"])

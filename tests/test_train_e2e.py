@@ -148,7 +148,7 @@ def test_missing_config_file_is_named(tmp_path: Path) -> None:
 def test_batch_that_does_not_divide_over_ranks_is_refused(tiny_shards: Path) -> None:
     from introvae_dist.config import ConfigError, load_config
     from introvae_dist.distributed import World
-    from introvae_dist.trainer import plan_run
+    from introvae_dist.run_plan import plan_run
 
     cfg = load_config(None, [f"data.shards={tiny_shards}", "train.batch_global=6", "model.resolution_px=16",
                              "model.widths=[8,16]"])

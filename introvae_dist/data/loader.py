@@ -308,21 +308,60 @@ class TrainStream:
     def __init__(self, spec: StreamSpec, consumed: int = 0, counts_so_far: dict[str, int] | None = None) -> None:
         spec.validate()
         self.spec = spec
+        self._batches: Iterator[tuple[torch.Tensor, dict[str, Any]]] | None = None
+        self._stats_by_worker: dict[int, dict[str, int]] = {}
+        self._start_at(consumed, counts_so_far)
+
+    def _start_at(self, consumed: int, counts_so_far: dict[str, int] | None) -> None:
         self.loader = torch.utils.data.DataLoader(
-            ShardStream(spec, consumed),
+            ShardStream(self.spec, consumed),
             batch_size=None,  # the streams batch themselves
-            num_workers=spec.num_workers,
-            persistent_workers=spec.num_workers > 0,
+            num_workers=self.spec.num_workers,
+            persistent_workers=self.spec.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             worker_init_fn=_ignore_stop_signals,
         )
-        self._batches: Iterator[tuple[torch.Tensor, dict[str, Any]]] | None = None
-        self._stats_by_worker: dict[int, dict[str, int]] = {}
         self._counts_so_far = dict(counts_so_far or {})
         #: Batches this rank has taken from the stream since the run began: its resume position.
         self.consumed = consumed
-        self.epoch = consumed // (spec.streams_per_rank * batches_per_stream(spec, 0))
+        self.epoch = consumed // batches_per_rank_epoch(self.spec)
         self.batch_in_epoch = -1
+
+    # -- resume ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's position, versioned, with the layout it means something in."""
+        return {"version": STREAM_STATE_VERSION, "consumed": self.consumed, "counts": self.stats(),
+                "layout": layout_key(self.spec), "batches_per_rank_epoch": batches_per_rank_epoch(self.spec)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> str | None:
+        """Go on from a saved position (before the first batch is taken).
+
+        The same layout (ranks, workers, batch, shards, seed: :func:`layout_key`) continues
+        exactly where the save stopped, with its read counts. Another layout has no such
+        position: the stream goes on in the same epoch at the same share of it
+        (:func:`position_after_layout_change`) and the line returned says so; None otherwise.
+        A state written before the format had a version (introvae-dist <= 0.1, issue 15) has
+        the same fields and is read as version 1.
+
+        Raises:
+            DataError: the state is of another version or lacks a field.
+        """
+        if self._batches is not None:
+            raise RuntimeError("TrainStream.load_state_dict: the stream has already yielded batches")
+        version = state.get("version", 1)
+        missing = {"consumed", "layout", "batches_per_rank_epoch"} - set(state)
+        if version != STREAM_STATE_VERSION or missing:
+            raise DataError(f"data stream state of version {version!r} with fields {sorted(state)}: expected version "
+                            f"{STREAM_STATE_VERSION} with consumed, counts, layout and batches_per_rank_epoch "
+                            "(written by another introvae-dist?)")
+        if state["layout"] == layout_key(self.spec):
+            self._start_at(state["consumed"], state.get("counts"))
+            return None
+        consumed = position_after_layout_change(state["consumed"], state["batches_per_rank_epoch"], self.spec)
+        self._start_at(consumed, None)
+        return (f"data: the stream's layout changed since the save (ranks, workers, batch or shards); "
+                f"going on in epoch {self.epoch} at the same share of it")
 
     def __iter__(self) -> TrainStream:
         return self
@@ -435,6 +474,10 @@ def read_image_range(shards: list[ShardInfo] | tuple[ShardInfo, ...], start: int
     images = _decoded(samples, resolution_px, False, random.Random(0), stats)
     while chunk := list(itertools.islice(images, batch)):
         yield torch.from_numpy(np.stack(chunk))
+
+
+#: Version of :meth:`TrainStream.state_dict`'s format.
+STREAM_STATE_VERSION = 1
 
 
 def batches_per_rank_epoch(spec: StreamSpec) -> int:

@@ -1,5 +1,5 @@
-"""Checkpoint folders on disk: layout, checksum manifest, the `latest` pointer, discovery,
-retention, and which config changes a resume accepts.
+"""Checkpoint folders on disk: layout, checksum manifest, the `latest` pointer, discovery and
+retention.
 
 Layout of a run folder's ``checkpoints/``::
 
@@ -221,42 +221,3 @@ def delete_checkpoint(folder: Path) -> None:
     (folder / MANIFEST_NAME).unlink(missing_ok=True)
     fsync_dir(folder)
     shutil.rmtree(folder)
-
-
-# -- config changes on resume -----------------------------------------------------------------
-
-#: Keys whose change alters the networks or the layout of the engines' saved state; a resume
-#: that changes one is refused. Everything else (learning rates, intervals, logging, data,
-#: loss weights, length) is accepted and logged.
-NETWORK_KEYS = ("model.", "encoder.zero_stage", "encoder.precision", "generator.zero_stage", "generator.precision")
-#: Under NETWORK_KEYS, but only choose what the backward recomputes: the weights are the same.
-RECOMPUTE_KEYS = ("model.checkpoint_blocks", "model.checkpoint_min_side_px")
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, dotted + "."))
-        else:
-            flat[dotted] = value
-    return flat
-
-
-@dataclass(frozen=True)
-class ConfigChanges:
-    refused: list[str]
-    accepted: list[str]
-
-
-def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> ConfigChanges:
-    """Differences between a checkpoint's config and the current one, as ``key: old -> new``."""
-    old, new = flatten(saved), flatten(current)
-    refused, accepted = [], []
-    for key in sorted(set(old) | set(new)):
-        if old.get(key, "<absent>") == new.get(key, "<absent>"):
-            continue
-        line = f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}"
-        (refused if key.startswith(NETWORK_KEYS) and key not in RECOMPUTE_KEYS else accepted).append(line)
-    return ConfigChanges(refused, accepted)

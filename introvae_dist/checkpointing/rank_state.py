@@ -64,6 +64,28 @@ def restore_buffers(module: nn.Module, buffers: dict[str, torch.Tensor]) -> None
             own[name].copy_(value)
 
 
+class RankLocal:
+    """This rank's RNGs and the buffers of its networks, as one object with ``state_dict`` /
+    ``load_state_dict`` (the ``rngs`` and ``buffers`` of the rank file)."""
+
+    def __init__(self, noise: torch.Generator, modules: dict[str, nn.Module]) -> None:
+        self.noise, self.modules = noise, modules
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rngs": capture_rngs(self.noise),
+                "buffers": {name: module_buffers(module) for name, module in self.modules.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        restore_rngs(state["rngs"], self.noise)
+        for name, module in self.modules.items():
+            restore_buffers(module, state["buffers"][name])
+
+    def reseed(self, seed: int) -> None:
+        """Fresh generators for a resume whose saved ones belong to no rank of this world (the
+        world size changed); buffers come from the engines' own checkpoint then."""
+        random.seed(seed), np.random.seed(seed), torch.manual_seed(seed), self.noise.manual_seed(seed)
+
+
 def save_rank_state(path: Path, state: dict[str, Any]) -> None:
     """Write one rank's state via a temp file and rename (the manifest lists it afterwards)."""
     path.parent.mkdir(parents=True, exist_ok=True)

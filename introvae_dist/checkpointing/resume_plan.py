@@ -3,31 +3,21 @@
 All checks that need no process group run in :func:`plan_resume`, before any engine starts:
 the run folder is writable, an explicit ``run.resume`` path exists and is a checkpoint, and
 the config does not change the networks. The checksums of the candidates are read afterwards,
-split over the ranks (:func:`introvae_dist.trainer.select_checkpoint`), newest first, and the
+split over the ranks (:meth:`introvae_dist.checkpointing.checkpointer.Checkpointer.start`), newest first, and the
 first that matches its manifest is the one resumed.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
-import os
-import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from introvae_dist.checkpoint import (
-    CHECKPOINTS_DIR, MANIFEST_NAME, CheckpointError, config_changes, parse_step, read_trainer_state, survey,
+from introvae_dist.checkpointing.layout import (
+    CHECKPOINTS_DIR, MANIFEST_NAME, CheckpointError, parse_step, read_trainer_state, survey,
 )
 from introvae_dist.config import ConfigError
-from introvae_dist.files import write_text_atomic
-
-#: The run folder's per-step logs; both are cut back to the resumed step on a resume.
-METRICS_NAME = "metrics.jsonl"
-EVAL_LOG_NAME = "eval.jsonl"
-STEP_LOGS = (METRICS_NAME, EVAL_LOG_NAME)
 
 
 @dataclass(frozen=True)
@@ -150,48 +140,40 @@ def _refuse_mixing_runs(resume: Path, candidates: list[Path], own: list[tuple[in
         )
 
 
-LOCK_NAME = ".lock"
+# -- config changes on resume -----------------------------------------------------------------
+
+#: Keys whose change alters the networks or the layout of the engines' saved state; a resume
+#: that changes one is refused. Everything else (learning rates, intervals, logging, data,
+#: loss weights, length) is accepted and logged.
+NETWORK_KEYS = ("model.", "encoder.zero_stage", "encoder.precision", "generator.zero_stage", "generator.precision")
+#: Under NETWORK_KEYS, but only choose what the backward recomputes: the weights are the same.
+RECOMPUTE_KEYS = ("model.checkpoint_blocks", "model.checkpoint_min_side_px")
 
 
-def lock_run_dir(run_dir: Path) -> IO[str]:
-    """Hold an exclusive lock on the run folder for the life of the returned file (rank 0).
-
-    Two jobs training into one folder (a job started twice, a requeue while the old one
-    still runs) would overwrite each other's checkpoints: the second is refused, naming the
-    first. The lock is released by the kernel when the process ends, however it ends.
-    """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle = (run_dir / LOCK_NAME).open("a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise ConfigError(f"{run_dir} is in use by {holder}; two jobs must not train into one run folder "
-                          "(wait for it to end, or set another run.name)") from None
-    handle.seek(0), handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    handle.flush()
-    return handle
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
 
 
-def trim_metrics(run_dir: Path, step: int, name: str = METRICS_NAME) -> int:
-    """Keep a per-step JSONL log (metrics.jsonl, eval.jsonl) up to ``step`` (the resumed one) so
-    it has no gap and no repeated step; the records after it (from steps that are redone) move
-    to NAME.discarded.jsonl. Returns how many were moved."""
-    path = run_dir / name
-    if not path.is_file():
-        return 0
-    kept, moved = [], []
-    for line in path.read_text().splitlines():
-        try:
-            later = json.loads(line).get("step", 0) > step
-        except ValueError:
-            later = True  # a line cut off by the kill
-        (moved if later else kept).append(line)
-    if moved:
-        with (run_dir / name.replace(".jsonl", ".discarded.jsonl")).open("a") as f:
-            f.write("\n".join(moved) + "\n")
-        write_text_atomic(path, "".join(line + "\n" for line in kept))
-    return len(moved)
+@dataclass(frozen=True)
+class ConfigChanges:
+    refused: list[str]
+    accepted: list[str]
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> ConfigChanges:
+    """Differences between a checkpoint's config and the current one, as ``key: old -> new``."""
+    old, new = flatten(saved), flatten(current)
+    refused, accepted = [], []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key, "<absent>") == new.get(key, "<absent>"):
+            continue
+        line = f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}"
+        (refused if key.startswith(NETWORK_KEYS) and key not in RECOMPUTE_KEYS else accepted).append(line)
+    return ConfigChanges(refused, accepted)
