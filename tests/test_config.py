@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from introvae_dist.config import Config, ConfigError, EngineConfig, load_config
+from introvae_dist.config import Config, ConfigError, EngineConfig, ModelConfig, TrainConfig, load_config
 
 
 @pytest.mark.parametrize(
@@ -48,6 +50,36 @@ def test_configs_built_in_code_are_checked_too() -> None:
     cfg.encoder.lr = float("nan")
     with pytest.raises(ConfigError, match="encoder.lr=nan"):
         cfg.validate()
+
+
+@pytest.mark.parametrize(
+    "build,message",
+    [
+        (lambda: EngineConfig(lr=0), "lr=0: expected a positive value"),
+        (lambda: EngineConfig(lr=float("nan")), "lr=nan: expected a finite number"),
+        (lambda: EngineConfig(precision="fp32", grad_reduce_dtype="bf16", section="generator"),
+         "generator.grad_reduce_dtype=bf16 with generator.precision=fp32"),
+        (lambda: Config(train=TrainConfig(batch_global=0)), "train.batch_global=0: expected a positive value"),
+        (lambda: ModelConfig(resolution_px=16, widths=[8]), "model.widths=[8]: expected 2 positive widths"),
+    ],
+)
+def test_sections_built_in_code_check_themselves(build: Callable[[], object], message: str) -> None:
+    # a test or a benchmark that builds its config in code gets the checks of a YAML file
+    with pytest.raises(ConfigError) as err:
+        build()
+    assert str(err.value).startswith(message), err.value
+
+
+def test_an_engine_built_in_code_names_its_keys_bare() -> None:
+    # EngineConfig fills two sections: alone it does not know which, so "lr", not "encoder.lr"
+    with pytest.raises(ConfigError) as err:
+        EngineConfig(adam_eps=0)
+    assert str(err.value) == "adam_eps=0: expected a positive value"
+
+
+def test_a_replaced_section_is_checked_again() -> None:
+    with pytest.raises(ConfigError, match="zero_stage=4: expected 0, 1, 2 or 3"):
+        dataclasses.replace(EngineConfig(), zero_stage=4)
 
 
 def test_a_binary_config_file_is_named(tmp_path: Path) -> None:

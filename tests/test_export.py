@@ -384,8 +384,10 @@ def test_an_export_without_a_checksum_loads_with_a_warning(tmp_path: Path) -> No
 
 
 def test_weights_module_imports_no_training_dependencies() -> None:
+    # config too: its dataclasses (the model section) are imported without YAML, which only
+    # load_config and dump_config read or write
     proc = subprocess.run(
-        [sys.executable, "-c", ("import sys, introvae_dist.weights; "
+        [sys.executable, "-c", ("import sys, introvae_dist.weights, introvae_dist.config; "
                                 "print(sorted(m for m in ('deepspeed', 'yaml', 'webdataset') if m in sys.modules))")],
         capture_output=True, text=True, check=False, cwd=Path(__file__).resolve().parents[1],
     )
