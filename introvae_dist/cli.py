@@ -271,7 +271,8 @@ def _add_export_command(commands: argparse._SubParsersAction) -> None:
 
 def _run_export(args: argparse.Namespace) -> int:
     from introvae_dist.export import ExportError, export_checkpoint  # imports torch
-    from introvae_dist.weights import build_models, read_info
+    from introvae_dist.models import build_networks
+    from introvae_dist.weights import read_info
 
     try:
         out = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
@@ -282,7 +283,7 @@ def _run_export(args: argparse.Namespace) -> int:
         _say("error", f"writing {args.out} failed ({exc.strerror or exc}); nothing was written")
         return EXIT_FAILED
     info = read_info(out)
-    encoder, generator = build_models(info.model, "meta")
+    encoder, generator = build_networks(info.model, "meta")
     counts = [sum(p.numel() for p in net.parameters()) for net in (encoder, generator)]
     m = info.model
     print(f"{out}: {_size(out.stat().st_size)}, encoder {counts[0]:,} + generator {counts[1]:,} parameters "

@@ -1,8 +1,12 @@
 """Typed run configuration: YAML presets plus dotted overrides, validated before any work.
 
 The only module that reads YAML. Each section is a dataclass that documents its fields and
-validates itself; components receive their own section only. Unknown keys and wrong types are
-rejected with the file and the dotted key named.
+validates itself on construction, so a config built in code (a test, a benchmark) is checked
+like one read from a file; components receive their own section only. Unknown keys and wrong
+types are rejected with the file and the dotted key named.
+
+YAML is imported by the functions that read or write it only: the inference side imports the
+dataclasses (the model section of an exported file) without it.
 """
 
 from __future__ import annotations
@@ -11,11 +15,9 @@ import dataclasses
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-
-import yaml
 
 from introvae_dist.models import num_stages, table3_widths
 
@@ -45,7 +47,11 @@ class ModelConfig:
     def resolved_widths(self) -> tuple[int, ...]:
         return tuple(self.widths) if self.widths is not None else table3_widths(self.resolution_px)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
+        _check_finite(self, "model")
         try:
             stages = num_stages(self.resolution_px)
         except ValueError as e:
@@ -74,7 +80,11 @@ class LossConfig:
     #: Images trained as a plain VAE (alpha = 0) before the adversarial phase (Sec. 4.1).
     warmup_images: int = 0
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
+        _check_finite(self, "loss")
         for name in ("alpha", "beta", "margin", "warmup_images"):
             _at_least_zero(f"loss.{name}", getattr(self, name))
         _positive("loss.l_ae_factor", self.l_ae_factor)
@@ -88,7 +98,7 @@ class EngineConfig:
     #: "auto": bf16 where the device computes it natively (CUDA compute capability >= 8.0; a
     #: CPU with avx512_bf16 or amx_bf16), else fp32 (introvae_dist/precision.py). "bf16": bf16
     #: weights and activations, fp32 master weights in the optimiser. "fp32". "fp16" is read so
-    #: that it is refused with the device's reason (trainer.resolve_precision), not as a typo.
+    #: that it is refused with the device's reason (run_plan.resolve_precision), not as a typo.
     precision: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
     lr: float = 2e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -103,17 +113,26 @@ class EngineConfig:
     #: to bf16 once, "bf16" (DeepSpeed's default) at every addition but sends half the bytes.
     #: fp32 precision always reduces in fp32 (docs/DEEPSPEED.md).
     grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    #: Not a setting: the section this engine fills ("encoder" or "generator"), so that the
+    #: messages name its keys in full (encoder.lr); "" names them bare (lr). The one section
+    #: that needs it, as the only one with two places in a Config.
+    section: InitVar[str] = ""
 
-    def validate(self, section: str) -> None:
+    def __post_init__(self, section: str) -> None:
+        self.validate(section)
+
+    def validate(self, section: str = "") -> None:
+        key = _keys_under(section)
+        _check_finite(self, section)
         if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"{section}.zero_stage={self.zero_stage}: expected 0, 1, 2 or 3")
-        _positive(f"{section}.lr", self.lr)
+            raise ConfigError(f"{key('zero_stage')}={self.zero_stage}: expected 0, 1, 2 or 3")
+        _positive(key("lr"), self.lr)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"{section}.betas={self.betas}: expected two values in [0, 1)")
-        _positive(f"{section}.adam_eps", self.adam_eps)
-        _at_least_zero(f"{section}.grad_clip_norm", self.grad_clip_norm, "0 turns it off")
+            raise ConfigError(f"{key('betas')}={self.betas}: expected two values in [0, 1)")
+        _positive(key("adam_eps"), self.adam_eps)
+        _at_least_zero(key("grad_clip_norm"), self.grad_clip_norm, "0 turns it off")
         if self.grad_reduce_dtype == "bf16" and self.precision != "bf16":
-            raise ConfigError(f"{section}.grad_reduce_dtype=bf16 with {section}.precision={self.precision}: "
+            raise ConfigError(f"{key('grad_reduce_dtype')}=bf16 with {key('precision')}={self.precision}: "
                               "only bf16 gradients can be reduced in bf16; set precision to bf16 or drop the key")
 
 
@@ -138,7 +157,11 @@ class DataConfig:
     #: "size" (a stat per shard) or "none".
     verify: Literal["sha256", "size", "none"] = "sha256"
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
+        _check_finite(self, "data")
         if not self.shards.strip():
             raise ConfigError("data.shards is empty: expected a shard folder, pattern or URL")
         _at_least_zero("data.num_workers", self.num_workers)
@@ -181,7 +204,11 @@ class TrainConfig:
     #: before training, as precision is. Same results up to summation order.
     channels_last: bool | Literal["auto"] = "auto"
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
+        _check_finite(self, "train")
         for name in ("batch_global", "total_steps", "log_every_steps", "sample_every_steps",
                      "save_every_steps", "grid_images", "keep_last_checkpoints"):
             _positive(f"train.{name}", getattr(self, name))
@@ -218,7 +245,11 @@ class EvalConfig:
     #: Images per forward pass on each rank (even: MS-SSIM pairs images 2k, 2k+1).
     batch_per_rank: int = 32
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
+        _check_finite(self, "eval")
         _at_least_zero("eval.every_steps", self.every_steps, "0 turns it off")
         for name in ("num_images", "ms_ssim_pairs", "num_real", "num_heldout", "batch_per_rank"):
             _positive(f"eval.{name}", getattr(self, name))
@@ -243,7 +274,11 @@ class RunConfig:
     #: of a large model can take minutes.
     collective_timeout_s: float = 900.0
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
+        _check_finite(self, "run")
         if not self.name or "/" in self.name:
             raise ConfigError(f"run.name={self.name!r}: expected a non-empty name without '/'")
         if not self.resume.strip():
@@ -262,8 +297,12 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
-        _check_finite(self)
+        """Check every section again, naming the engines' keys in full: a section is checked when
+        it is built, but a field set afterwards (cfg.encoder.lr = ...) is only seen here."""
         self.model.validate()
         self.loss.validate()
         self.encoder.validate("encoder")
@@ -284,17 +323,22 @@ def _at_least_zero(key: str, value: float, meaning: str = "") -> None:
         raise ConfigError(f"{key}={value}: expected a value >= 0" + (f" ({meaning})" if meaning else ""))
 
 
-def _check_finite(cfg: Config) -> None:
-    """Every float of every section is a finite number: NaN or inf would pass a range check
-    written as `value < 0` and surface later, deep inside Adam or the loss."""
-    for section in dataclasses.fields(cfg):
-        part = getattr(cfg, section.name)
-        for f in dataclasses.fields(part):
-            value = getattr(part, f.name)
-            values = value if isinstance(value, list) else [value]
-            for v in values:
-                if isinstance(v, float) and not math.isfinite(v):
-                    raise ConfigError(f"{section.name}.{f.name}={value}: expected a finite number")
+def _keys_under(section: str) -> typing.Callable[[str], str]:
+    """The full name of a key of `section` ("encoder" + "lr" -> "encoder.lr"; "" + "lr" -> "lr")."""
+    return lambda name: f"{section}.{name}" if section else name
+
+
+def _check_finite(part: Any, section: str) -> None:
+    """Every float of a section is a finite number: NaN or inf would pass a range check
+    written as `value < 0` and surface later, deep inside Adam or the loss. Checked before a
+    section's ranges, so that NaN is named as such."""
+    key = _keys_under(section)
+    for f in dataclasses.fields(part):
+        value = getattr(part, f.name)
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{key(f.name)}={value}: expected a finite number")
 
 
 def _type_name(tp: Any) -> str:
@@ -347,14 +391,19 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {prefix or 'top level'}: expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
+    known = [f.name for f in dataclasses.fields(cls)]  # without InitVars: `section` is no key
     kwargs = {}
     for key, value in raw.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in known:
             raise ConfigError(f"{source}: unknown key '{dotted}'; known keys here: {', '.join(known)}")
         kwargs[key] = _convert(value, hints[key], dotted, source)
-    return cls(**kwargs)
+    if isinstance(hints.get("section"), InitVar):  # an engine: its messages name encoder.lr, not lr
+        kwargs["section"] = prefix
+    try:
+        return cls(**kwargs)  # each section validates itself
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def _apply_override(raw: dict[str, Any], override: str) -> None:
@@ -367,6 +416,8 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: '{part}' is not a section")
+    import yaml
+
     value = yaml.safe_load(text) if text.strip() else ""
     node[parts[-1]] = value
 
@@ -374,6 +425,8 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML preset (or the defaults when `path` is None), apply dotted overrides,
     type-check and validate. Raises ConfigError naming the file and key."""
+    import yaml
+
     raw: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -396,10 +449,6 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if overrides:
         source = f"{source} + command-line overrides"
     cfg: Config = _build(Config, raw, "", source)
-    try:
-        cfg.validate()
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
     return cfg
 
 
@@ -409,4 +458,6 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 def dump_config(cfg: Config) -> str:
     """The resolved configuration as YAML (written into every run folder)."""
+    import yaml
+
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

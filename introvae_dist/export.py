@@ -34,7 +34,9 @@ from introvae_dist.checkpointing.layout import (
     check_files,
     read_manifest,
 )
+from introvae_dist.config import ConfigError, ModelConfig
 from introvae_dist.files import write_atomic
+from introvae_dist.models import build_networks
 from introvae_dist.state_dict_check import state_dict_problems
 from introvae_dist.weights import (
     FORMAT,
@@ -44,8 +46,8 @@ from introvae_dist.weights import (
     META_MODEL,
     META_STEP,
     PREFIXES,
-    ExportedModelConfig,
-    build_models,
+    exported_model,
+    model_to_json,
     tensors_sha256,
 )
 
@@ -109,7 +111,7 @@ def export_checkpoint(step_folder: Path, out: Path, *, overwrite: bool = False) 
             tensors.update({PREFIXES[net_name] + name: _fp32_copy(t) for name, t in net_state.items()})
         metadata = {
             META_FORMAT: FORMAT,
-            META_MODEL: model.to_json(),
+            META_MODEL: model_to_json(model),
             META_STEP: str(state["step"]),
             META_IMAGES_SEEN: str(state["images_seen"]),
             META_SHA256: tensors_sha256(tensors),
@@ -126,7 +128,8 @@ def export_checkpoint(step_folder: Path, out: Path, *, overwrite: bool = False) 
 
 def read_checkpoint(step_folder: Path) -> dict[str, Any]:
     """Check that `step_folder` is a complete checkpoint; return its step, images_seen and
-    model section (an :class:`ExportedModelConfig`)."""
+    model section (a :class:`ModelConfig` as the exported file will record it,
+    :func:`introvae_dist.weights.exported_model`)."""
     if not step_folder.exists():
         raise ExportError(f"{step_folder}: no such checkpoint folder")
     if not step_folder.is_dir():
@@ -150,7 +153,7 @@ def read_checkpoint(step_folder: Path) -> dict[str, Any]:
     return {"step": step, "images_seen": images_seen, "model": _model_config(model_section, state_path)}
 
 
-def consolidated_networks(step_folder: Path, model: ExportedModelConfig) -> dict[str, dict[str, torch.Tensor]]:
+def consolidated_networks(step_folder: Path, model: ModelConfig) -> dict[str, dict[str, torch.Tensor]]:
     """``{"encoder": state, "generator": state}`` of a checked checkpoint (:func:`read_checkpoint`):
     each network's whole state dict (fp32 master weights, rank 0's buffers), checked against
     ``model``. Used by the export and by the inference commands, which need no engine."""
@@ -228,17 +231,13 @@ def _stage0_state(ds_folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _model_config(section: Any, source: Path) -> ExportedModelConfig:
-    """The run's model section, validated as the trainer does, widths resolved."""
-    from introvae_dist.config import ConfigError, ModelConfig
-
+def _model_config(section: Any, source: Path) -> ModelConfig:
+    """The run's model section, validated as the trainer does (on construction), widths resolved."""
     try:
         model = ModelConfig(**section)
-        model.validate()
         if model.norm not in ("batch", "group", "none"):
             raise ConfigError(f"model.norm={model.norm!r}")
-        return ExportedModelConfig(model.resolution_px, model.latent_dim, model.resolved_widths(), model.norm,
-                                   model.checkpoint_blocks)
+        return exported_model(model)
     except (TypeError, ConfigError, ValueError) as e:
         raise ExportError(f"{source}: config.model is not a valid model section ({e})") from None
 
@@ -250,9 +249,9 @@ def _checkpoint_hint(folder: Path) -> str:
     return f"; pass one step folder, e.g. {(complete or steps)[-1]}" if steps else ""
 
 
-def _expected_shapes(model: ExportedModelConfig) -> list[dict[str, tuple[int, ...]]]:
+def _expected_shapes(model: ModelConfig) -> list[dict[str, tuple[int, ...]]]:
     """Name -> shape of every tensor in each network's state dict (built on the meta device)."""
-    return [{name: tuple(t.shape) for name, t in net.state_dict().items()} for net in build_models(model, "meta")]
+    return [{name: tuple(t.shape) for name, t in net.state_dict().items()} for net in build_networks(model, "meta")]
 
 
 def _check_fits(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: Path, net: str) -> None:

@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from introvae_dist.checkpointing.layout import CHECKPOINTS_DIR, survey
-from introvae_dist.models import Encoder, Generator, param_dtype
-from introvae_dist.weights import ExportedModelConfig, WeightsError, build_models, load_exported, read_info
+from introvae_dist.config import ModelConfig
+from introvae_dist.models import Encoder, Generator, build_networks, param_dtype
+from introvae_dist.weights import WeightsError, load_exported, read_info
 
 #: Random streams drawn per image, so a latent and a reparameterisation noise never coincide.
 LATENT_STREAM, NOISE_STREAM = 0, 1
@@ -53,7 +54,7 @@ class ModelSource:
     kind: Literal["weights", "checkpoint"]
     #: The exported file or the checkpoint step folder that is read.
     path: Path
-    model: ExportedModelConfig
+    model: ModelConfig
     step: int
     images_seen: int
     #: The run folder of a checkpoint (where eval.jsonl goes), None for an exported file.
@@ -74,7 +75,7 @@ class Models:
     source: ModelSource
 
     @property
-    def model(self) -> ExportedModelConfig:
+    def model(self) -> ModelConfig:
         return self.source.model
 
 
@@ -96,7 +97,7 @@ def find_source(path: str | Path) -> ModelSource:
         except WeightsError as e:
             raise ModelSourceError(str(e)) from None
         return ModelSource(given, "weights", given, info.model, info.step, info.images_seen, None)
-    from introvae_dist.export import ExportError, read_checkpoint  # deferred: its config check reads YAML's module
+    from introvae_dist.export import ExportError, read_checkpoint  # deferred: only a checkpoint needs it
 
     step_folder = _step_folder(given)
     try:
@@ -123,7 +124,7 @@ def load_models(source: ModelSource | str | Path, device: str | torch.device = "
         states = consolidated_networks(source.path, source.model)
     except ExportError as e:
         raise ModelSourceError(str(e)) from None
-    encoder, generator = build_models(source.model)
+    encoder, generator = build_networks(source.model)
     for net, state in ((encoder, states["encoder"]), (generator, states["generator"])):
         net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
         net.to(device=device, dtype=torch.float32).eval()

@@ -6,18 +6,18 @@
     with torch.no_grad():
         images = generator(z).clamp(0, 1)   # (16, 3, R, R) in [0, 1]
 
-This module imports torch, safetensors and :mod:`introvae_dist.models` only (no DeepSpeed,
-webdataset or YAML), so inference needs none of the training dependencies. For the same reason
-the model section comes back as :class:`ExportedModelConfig`, not :class:`introvae_dist.config.ModelConfig`
-(whose module reads YAML); the fields are the same.
+This module imports torch, safetensors, :mod:`introvae_dist.models` and the dataclasses of
+:mod:`introvae_dist.config` only (no DeepSpeed, webdataset or YAML, which config imports only
+to read a file), so inference needs none of the training dependencies. The model section comes
+back as the :class:`~introvae_dist.config.ModelConfig` training used, widths resolved.
 
 The file (written by :func:`introvae_dist.export.export_checkpoint`):
 
 - tensors ``encoder.<name>`` and ``generator.<name>``: each network's whole ``state_dict()``,
   parameters and BatchNorm running statistics, fp32 (``num_batches_tracked``: int64);
 - metadata (strings): ``introvae_dist.format`` = :data:`FORMAT`; ``introvae_dist.model``, the
-  JSON of the model section with the widths resolved (resolution_px, latent_dim, widths, norm,
-  checkpoint_blocks); ``introvae_dist.step`` and ``introvae_dist.images_seen`` of the checkpoint;
+  JSON of the model section with the widths resolved, :data:`MODEL_KEYS` only
+  (:func:`model_to_json`); ``introvae_dist.step`` and ``introvae_dist.images_seen`` of the checkpoint;
   ``introvae_dist.tensors_sha256``, :func:`tensors_sha256` of all the tensors, checked on every
   load (safetensors itself checks the header, not the data: a flipped byte inside a tensor
   would load as a wrong weight, or a NaN). Files written before it was added load unchecked,
@@ -26,17 +26,17 @@ The file (written by :func:`introvae_dist.export.export_checkpoint`):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from introvae_dist.models import Encoder, Generator
+from introvae_dist.config import ConfigError, ModelConfig
+from introvae_dist.models import Encoder, Generator, build_networks
 
 #: Bump when the layout above changes incompatibly; readers refuse any other value.
 FORMAT = "introvae-dist-weights/1"
@@ -47,6 +47,9 @@ META_IMAGES_SEEN = "introvae_dist.images_seen"
 META_SHA256 = "introvae_dist.tensors_sha256"
 #: Tensor name prefix of each network, in file order.
 PREFIXES = {"encoder": "encoder.", "generator": "generator."}
+#: The model section's keys in ``introvae_dist.model``, as every exported file has held them.
+#: checkpoint_min_side_px is left out: it only trades memory for time in training.
+MODEL_KEYS = ("resolution_px", "latent_dim", "widths", "norm", "checkpoint_blocks")
 _NORMS = ("batch", "group", "none")
 
 
@@ -55,40 +58,40 @@ class WeightsError(ValueError):
     message names the file."""
 
 
-@dataclass(frozen=True)
-class ExportedModelConfig:
-    """The model section an exported file was trained with (``ModelConfig``'s fields)."""
+def exported_model(model: ModelConfig) -> ModelConfig:
+    """``model`` as an exported file records it: the :data:`MODEL_KEYS`, widths resolved (the
+    others at their defaults), which is what :func:`read_info` gives back for that file."""
+    return ModelConfig(resolution_px=model.resolution_px, latent_dim=model.latent_dim,
+                       widths=list(model.resolved_widths()), norm=model.norm,
+                       checkpoint_blocks=model.checkpoint_blocks)
 
-    resolution_px: int
-    latent_dim: int
-    #: Width per stage, highest resolution first (always resolved, never null).
-    widths: tuple[int, ...]
-    norm: str = "batch"
-    checkpoint_blocks: bool = True
 
-    def resolved_widths(self) -> tuple[int, ...]:
-        return self.widths
+def model_to_json(model: ModelConfig) -> str:
+    """The ``introvae_dist.model`` metadata of ``model`` (keys sorted: the same bytes for the
+    same section, as files exported before it was a ModelConfig hold)."""
+    exported = exported_model(model)
+    return json.dumps({key: getattr(exported, key) for key in MODEL_KEYS}, sort_keys=True)
 
-    def to_json(self) -> str:
-        return json.dumps({**asdict(self), "widths": list(self.widths)}, sort_keys=True)
 
-    @classmethod
-    def from_json(cls, text: str, source: str) -> ExportedModelConfig:
-        """Parse and check the ``introvae_dist.model`` metadata; WeightsError naming `source`."""
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise WeightsError(f"{source}: metadata {META_MODEL} is not JSON: {e}") from None
-        expected = {"resolution_px", "latent_dim", "widths", "norm", "checkpoint_blocks"}
-        if not isinstance(raw, dict) or set(raw) != expected:
-            got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
-            raise WeightsError(f"{source}: metadata {META_MODEL} must hold {sorted(expected)}, got {got}")
-        ints_ok = all(type(raw[k]) is int and raw[k] > 0 for k in ("resolution_px", "latent_dim"))
-        widths_ok = isinstance(raw["widths"], list) and raw["widths"] and all(
-            type(w) is int and w > 0 for w in raw["widths"])
-        if not (ints_ok and widths_ok and raw["norm"] in _NORMS and type(raw["checkpoint_blocks"]) is bool):
-            raise WeightsError(f"{source}: metadata {META_MODEL} has invalid values: {text}")
-        return cls(raw["resolution_px"], raw["latent_dim"], tuple(raw["widths"]), raw["norm"], raw["checkpoint_blocks"])
+def model_from_json(text: str, source: str) -> ModelConfig:
+    """Parse and check the ``introvae_dist.model`` metadata; WeightsError naming `source`."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{source}: metadata {META_MODEL} is not JSON: {e}") from None
+    if not isinstance(raw, dict) or set(raw) != set(MODEL_KEYS):
+        got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        raise WeightsError(f"{source}: metadata {META_MODEL} must hold {sorted(MODEL_KEYS)}, got {got}")
+    # Types here, as load_config's reader checks them: ModelConfig checks only the ranges.
+    ints_ok = all(type(raw[k]) is int and raw[k] > 0 for k in ("resolution_px", "latent_dim"))
+    widths_ok = isinstance(raw["widths"], list) and raw["widths"] and all(
+        type(w) is int and w > 0 for w in raw["widths"])
+    if not (ints_ok and widths_ok and raw["norm"] in _NORMS and type(raw["checkpoint_blocks"]) is bool):
+        raise WeightsError(f"{source}: metadata {META_MODEL} has invalid values: {text}")
+    try:
+        return ModelConfig(**raw)  # e.g. widths that do not fit the resolution
+    except ConfigError as e:
+        raise WeightsError(f"{source}: metadata {META_MODEL} is not a valid model section ({e})") from None
 
 
 @dataclass(frozen=True)
@@ -96,16 +99,9 @@ class ExportInfo:
     """What an exported file's header says (no tensor data read)."""
 
     path: Path
-    model: ExportedModelConfig
+    model: ModelConfig
     step: int
     images_seen: int
-
-
-def build_models(model: ExportedModelConfig, device: str | torch.device | None = None) -> tuple[Encoder, Generator]:
-    """Freshly initialised E and G of the given shape (``device="meta"`` allocates nothing)."""
-    args = (model.resolution_px, model.latent_dim, model.widths, model.norm, model.checkpoint_blocks)
-    with torch.device(device) if device is not None else contextlib.nullcontext():
-        return Encoder(*args), Generator(*args)
 
 
 def read_info(path: str | Path) -> ExportInfo:
@@ -121,7 +117,7 @@ def read_info(path: str | Path) -> ExportInfo:
 
 def load_exported(
     path: str | Path, device: str | torch.device = "cpu"
-) -> tuple[Encoder, Generator, ExportedModelConfig]:
+) -> tuple[Encoder, Generator, ModelConfig]:
     """E and G of an exported file, fp32, in eval mode, on `device`.
 
     Every tensor of both networks must be in the file and nothing else (``strict=True``).
@@ -136,7 +132,7 @@ def load_exported(
         info = _info(path, metadata)
         state = {name: f.get_tensor(name) for name in f.keys()}
     _check_sha256(path, state, metadata.get(META_SHA256))
-    encoder, generator = build_models(info.model)
+    encoder, generator = build_networks(info.model)
     unexpected = [name for name in state if not name.startswith(tuple(PREFIXES.values()))]
     if unexpected:
         raise WeightsError(f"{path}: tensors outside encoder./generator.: {_some(unexpected)}")
@@ -199,7 +195,7 @@ def _info(path: Path, metadata: dict[str, str]) -> ExportInfo:
     for key in (META_MODEL, META_STEP, META_IMAGES_SEEN):
         if key not in metadata:
             raise WeightsError(f"{path}: metadata {key} is missing")
-    model = ExportedModelConfig.from_json(metadata[META_MODEL], str(path))
+    model = model_from_json(metadata[META_MODEL], str(path))
     try:
         step, images_seen = int(metadata[META_STEP]), int(metadata[META_IMAGES_SEEN])
     except ValueError:

@@ -1,12 +1,36 @@
-"""Config validation in process: each bad value is refused by `load_config`, naming the key."""
+"""Config validation in process: each bad value is refused by `load_config`, or by `plan_run`
+against the world and the data, naming the key. Milliseconds each; the launcher's side of a
+refusal (exit 2, the "error: ..." line) is tested once, in tests/test_train_e2e.py."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from introvae_dist.config import Config, ConfigError, EngineConfig, load_config
+from introvae_dist.config import Config, ConfigError, EngineConfig, ModelConfig, TrainConfig, load_config
+from introvae_dist.data.shard_set import DataError
+from introvae_dist.distributed import World
+from introvae_dist.run_plan import plan_run
+
+#: A one-process world, as the launcher run with plain python sees it.
+ONE_PROCESS = World(rank=0, local_rank=0, world_size=1)
+#: The tiny run the end-to-end tests train (tests/test_train_e2e.py).
+TINY = ["model.resolution_px=16", "model.widths=[8,16]", "model.latent_dim=8", "data.num_workers=1",
+        "train.batch_global=4", "train.total_steps=2"]
+
+
+def _refusal(shards: Path, root: Path, *overrides: str) -> str:
+    """What the launcher would print after "error: " for this command line, found as it finds
+    it (launchers/train.py: load_config, then plan_run), without starting a process."""
+    with pytest.raises((ConfigError, DataError, ValueError)) as err:
+        cfg = load_config("configs/cpu_synthetic.yaml", [f"data.shards={shards}", f"run.root={root}", *TINY,
+                                                         *overrides])
+        plan_run(cfg, ONE_PROCESS)
+    assert not root.exists()  # nothing started, nothing written
+    return str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -38,6 +62,52 @@ def test_bad_numbers_are_refused_with_the_key(override: str, message: str) -> No
     assert str(err.value).startswith("configs/cpu_synthetic.yaml + command-line overrides: ")
 
 
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("data.shards={missing}", "x-000000.tar' from brace pattern"),
+        ("data.shards={empty}", "holds no *.tar files"),
+        ("train.batch_gobal=4", "unknown key 'train.batch_gobal'"),
+        ("model.resolution_px=32", "stored at 16 px, smaller than model.resolution_px=32"),
+        ("model.resolution_px=24", "resolution_px=24"),
+        ("train.batch_global=abc", "train.batch_global='abc': expected int"),
+        ("data.num_workers=8", "4 shard(s) for 1 rank(s) x 8 loader worker(s) = 8 streams"),
+        ("data.mode=sequential", "data.mode='sequential'"),
+        ("train.step_order=fastest", "train.step_order='fastest'"),
+        ("model.checkpoint_min_side_px=-1", "model.checkpoint_min_side_px=-1: expected >= 0"),
+        ("run.resume={missing}", "no such file or folder"),
+        ("run.resume={shards}", "not a checkpoint"),
+    ],
+)
+def test_bad_input_is_refused_before_any_engine_starts(
+    tiny_shards: Path, tmp_path: Path, override: str, message: str
+) -> None:
+    (tmp_path / "empty").mkdir()
+    override = override.format(missing=tmp_path / "nope" / "x-{000000..000003}.tar", empty=tmp_path / "empty",
+                               shards=tiny_shards)
+    extra = ["model.widths=[8,16,32]"] if override.startswith("model.resolution_px=32") else []
+    assert message in _refusal(tiny_shards, tmp_path / "runs", *extra, override)
+
+
+def test_fp16_in_a_config_is_refused_naming_the_key_and_the_device(tiny_shards: Path, tmp_path: Path) -> None:
+    import torch
+
+    from introvae_dist.precision import fp16_support
+
+    refusal = _refusal(tiny_shards, tmp_path / "runs", "generator.precision=fp16")
+    # Which refusal depends on this machine's CPU: oneDNN runs fp16 on AVX-512 FP16 or AMX FP16
+    # (a Sapphire Rapids Xeon), not on the AMD EPYCs seen so far.
+    if fp16_support(torch.device("cpu")):
+        assert "generator.precision=fp16: introvae-dist does not train in fp16 on the CPU " in refusal
+    else:
+        assert "generator.precision=fp16: the CPU " in refusal and "cannot run fp16" in refusal
+
+
+def test_a_missing_config_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
 def test_bf16_reduction_of_fp32_gradients_is_refused() -> None:
     with pytest.raises(ConfigError, match="encoder.grad_reduce_dtype=bf16 with encoder.precision=fp32"):
         load_config(None, ["encoder.precision=fp32", "encoder.grad_reduce_dtype=bf16"])
@@ -48,6 +118,36 @@ def test_configs_built_in_code_are_checked_too() -> None:
     cfg.encoder.lr = float("nan")
     with pytest.raises(ConfigError, match="encoder.lr=nan"):
         cfg.validate()
+
+
+@pytest.mark.parametrize(
+    "build,message",
+    [
+        (lambda: EngineConfig(lr=0), "lr=0: expected a positive value"),
+        (lambda: EngineConfig(lr=float("nan")), "lr=nan: expected a finite number"),
+        (lambda: EngineConfig(precision="fp32", grad_reduce_dtype="bf16", section="generator"),
+         "generator.grad_reduce_dtype=bf16 with generator.precision=fp32"),
+        (lambda: Config(train=TrainConfig(batch_global=0)), "train.batch_global=0: expected a positive value"),
+        (lambda: ModelConfig(resolution_px=16, widths=[8]), "model.widths=[8]: expected 2 positive widths"),
+    ],
+)
+def test_sections_built_in_code_check_themselves(build: Callable[[], object], message: str) -> None:
+    # a test or a benchmark that builds its config in code gets the checks of a YAML file
+    with pytest.raises(ConfigError) as err:
+        build()
+    assert str(err.value).startswith(message), err.value
+
+
+def test_an_engine_built_in_code_names_its_keys_bare() -> None:
+    # EngineConfig fills two sections: alone it does not know which, so "lr", not "encoder.lr"
+    with pytest.raises(ConfigError) as err:
+        EngineConfig(adam_eps=0)
+    assert str(err.value) == "adam_eps=0: expected a positive value"
+
+
+def test_a_replaced_section_is_checked_again() -> None:
+    with pytest.raises(ConfigError, match="zero_stage=4: expected 0, 1, 2 or 3"):
+        dataclasses.replace(EngineConfig(), zero_stage=4)
 
 
 def test_a_binary_config_file_is_named(tmp_path: Path) -> None:

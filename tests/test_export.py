@@ -21,10 +21,12 @@ from safetensors.torch import load_file, save_file
 
 from conftest import deepspeed_cmd, run, tail
 from introvae_dist.cli import main
+from introvae_dist.config import ModelConfig
 from introvae_dist.images import cell_scale
+from introvae_dist.models import build_networks
 from introvae_dist.weights import (
-    FORMAT, META_FORMAT, META_IMAGES_SEEN, META_MODEL, META_SHA256, META_STEP, ExportedModelConfig, WeightsError,
-    build_models, load_exported, read_info, tensors_sha256,
+    FORMAT, META_FORMAT, META_IMAGES_SEEN, META_MODEL, META_SHA256, META_STEP, WeightsError, load_exported,
+    model_from_json, model_to_json, read_info, tensors_sha256,
 )
 
 STEPS = 4
@@ -129,8 +131,9 @@ def test_file_holds_both_state_dicts_with_batchnorm_statistics_and_the_model_con
     tensors = load_file(fp32_export)
     info = read_info(fp32_export)
     assert (info.step, info.images_seen) == (STEPS, STEPS * 4)
-    assert info.model == ExportedModelConfig(16, 8, (8, 16), "batch", True)
-    encoder, generator = build_models(info.model, "meta")
+    assert info.model == ModelConfig(resolution_px=16, latent_dim=8, widths=[8, 16], norm="batch",
+                                     checkpoint_blocks=True)
+    encoder, generator = build_networks(info.model, "meta")
     expected = {f"encoder.{k}" for k in encoder.state_dict()} | {f"generator.{k}" for k in generator.state_dict()}
     assert set(tensors) == expected
     assert {t.dtype for t in tensors.values()} == {torch.float32, torch.int64}  # int64: num_batches_tracked
@@ -151,7 +154,7 @@ def test_zero3_sharded_parameters_come_back_whole(fp32_run: Path, fp32_export: P
     saved = _saved_module(generator_folder)
     assert saved["fc.0.weight"].numel() == 0  # ZeRO-3: each rank holds only its partition
     tensors = load_file(fp32_export)
-    _, generator = build_models(read_info(fp32_export).model, "meta")
+    _, generator = build_networks(read_info(fp32_export).model, "meta")
     for name, param in generator.named_parameters():
         assert tensors[f"generator.{name}"].shape == param.shape
     # The encoder ran at ZeRO-2: its rank 0 holds the whole (fp32) module, equal to the export.
@@ -301,12 +304,12 @@ def test_cli_export_help(capsys: pytest.CaptureFixture[str]) -> None:
 
 def _write_weights(path: Path, drop: str | None = None, **metadata: str) -> None:
     """A file in the export layout from freshly initialised networks."""
-    model = ExportedModelConfig(16, 8, (8, 16), "batch", True)
-    encoder, generator = build_models(model)
+    model = ModelConfig(resolution_px=16, latent_dim=8, widths=[8, 16], norm="batch", checkpoint_blocks=True)
+    encoder, generator = build_networks(model)
     tensors = {f"{prefix}.{k}": v.clone() for prefix, net in (("encoder", encoder), ("generator", generator))
                for k, v in net.state_dict().items()}
     tensors.pop(drop or "", None)
-    meta = {META_FORMAT: FORMAT, META_MODEL: model.to_json(), META_STEP: "7", META_IMAGES_SEEN: "28",
+    meta = {META_FORMAT: FORMAT, META_MODEL: model_to_json(model), META_STEP: "7", META_IMAGES_SEEN: "28",
             META_SHA256: tensors_sha256(tensors), **metadata}
     save_file(tensors, str(path), metadata={k: v for k, v in meta.items() if v})
 
@@ -317,6 +320,28 @@ def test_weights_roundtrip_without_deepspeed(tmp_path: Path) -> None:
     assert model.resolved_widths() == (8, 16) and read_info(tmp_path / "w.safetensors").step == 7
     reference = load_file(tmp_path / "w.safetensors")
     assert all(torch.equal(v, reference[f"generator.{k}"]) for k, v in generator.state_dict().items())
+
+
+#: introvae_dist.model as every file exported so far holds it (a 16 px model).
+EXPORTED_MODEL_JSON = '{"checkpoint_blocks": true, "latent_dim": 8, "norm": "batch", "resolution_px": 16, "widths": [8, 16]}'
+
+
+def test_model_metadata_keeps_its_five_keys_and_bytes() -> None:
+    # Files exported before the model section was a ModelConfig load, and new files hold the
+    # same bytes: checkpoint_min_side_px (a training memory knob) is not recorded.
+    model = ModelConfig(resolution_px=16, latent_dim=8, widths=[8, 16], checkpoint_min_side_px=8)
+    assert model_to_json(model) == EXPORTED_MODEL_JSON
+    assert model_from_json(EXPORTED_MODEL_JSON, "f") == ModelConfig(resolution_px=16, latent_dim=8, widths=[8, 16])
+    # Table 3's widths are recorded resolved, and come back as the list
+    table3 = model_from_json(model_to_json(ModelConfig(resolution_px=32)), "f")
+    assert table3.widths == [512, 512, 512] and json.loads(model_to_json(table3))["widths"] == [512, 512, 512]
+
+
+def test_model_metadata_that_fails_the_model_section_checks_names_the_file() -> None:
+    text = EXPORTED_MODEL_JSON.replace('"widths": [8, 16]', '"widths": [8, 16, 32]')
+    with pytest.raises(WeightsError, match=r"^w.safetensors: metadata introvae_dist.model is not a valid model "
+                                           r"section \(model.widths=\[8, 16, 32\]: expected 2 positive widths"):
+        model_from_json(text, "w.safetensors")
 
 
 @pytest.mark.parametrize("case,message", [
@@ -384,8 +409,10 @@ def test_an_export_without_a_checksum_loads_with_a_warning(tmp_path: Path) -> No
 
 
 def test_weights_module_imports_no_training_dependencies() -> None:
+    # config too: its dataclasses (the model section) are imported without YAML, which only
+    # load_config and dump_config read or write
     proc = subprocess.run(
-        [sys.executable, "-c", ("import sys, introvae_dist.weights; "
+        [sys.executable, "-c", ("import sys, introvae_dist.weights, introvae_dist.config; "
                                 "print(sorted(m for m in ('deepspeed', 'yaml', 'webdataset') if m in sys.modules))")],
         capture_output=True, text=True, check=False, cwd=Path(__file__).resolve().parents[1],
     )

@@ -23,14 +23,14 @@ from torch import nn
 
 from conftest import deepspeed_cmd, free_port, run, tail
 from introvae_dist.cli import main
+from introvae_dist.config import ModelConfig
 from introvae_dist.data.synthetic import render_image, write_synthetic_shards
 from introvae_dist.inference import generated_batches, interpolate_latents, latents, load_models
 from introvae_dist.metrics.inception import FID_INCEPTION_URL, FIDInceptionV3
-from introvae_dist.weights import (
-    FORMAT, META_FORMAT, META_IMAGES_SEEN, META_MODEL, META_STEP, ExportedModelConfig, build_models,
-)
+from introvae_dist.models import build_networks
+from introvae_dist.weights import FORMAT, META_FORMAT, META_IMAGES_SEEN, META_MODEL, META_STEP, model_to_json
 
-MODEL = ExportedModelConfig(16, 8, (8, 16), "batch", True)
+MODEL = ModelConfig(resolution_px=16, latent_dim=8, widths=[8, 16], norm="batch", checkpoint_blocks=True)
 PAD_PX = 2  # introvae_dist.images.save_grid's gap
 CLI = [sys.executable, "-m", "introvae_dist.cli"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same thread count in 1- and 2-rank runs: bitwise equal sums
@@ -49,7 +49,7 @@ def _restore_environment():
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An exported weights file of a 16 px model with fixed random weights and BN statistics."""
     torch.manual_seed(0)
-    encoder, generator = build_models(MODEL)
+    encoder, generator = build_networks(MODEL)
     for net in (encoder, generator):
         for module in net.modules():
             if isinstance(module, nn.BatchNorm2d):
@@ -58,7 +58,7 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tensors = {f"{prefix}.{k}": v.clone() for prefix, net in (("encoder", encoder), ("generator", generator))
                for k, v in net.state_dict().items()}
     path = tmp_path_factory.mktemp("weights") / "w.safetensors"
-    save_file(tensors, str(path), metadata={META_FORMAT: FORMAT, META_MODEL: MODEL.to_json(), META_STEP: "7",
+    save_file(tensors, str(path), metadata={META_FORMAT: FORMAT, META_MODEL: model_to_json(MODEL), META_STEP: "7",
                                             META_IMAGES_SEEN: "28"})
     return path
 

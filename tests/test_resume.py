@@ -297,13 +297,7 @@ def test_bad_resume_input_is_refused_before_training(tiny_shards: Path, tmp_path
     step2 = _step_dir(own / "cpu-synthetic", 2)
     listing = sorted(p.relative_to(own) for p in own.rglob("*"))
 
-    cases = {
-        "run.resume=" + str(tmp_path / "nope"): "no such file or folder",
-        "run.resume=" + str(tiny_shards): "not a checkpoint",
-    }
-    for override, message in cases.items():
-        proc = run([sys.executable, *_args(tiny_shards, tmp_path / "other", 4, override)])
-        assert proc.returncode == 2 and message in proc.stderr, tail(proc)
+    # A run.resume naming nothing, or no checkpoint, is refused in process (tests/test_config.py).
     # A checkpoint of another model (another width) is refused, naming the differing key.
     proc = run([sys.executable, *_args(tiny_shards, tmp_path / "other", 4, f"run.resume={step2}", "model.widths=[4,8]")])
     assert proc.returncode == 2 and "model.widths" in proc.stderr, tail(proc)
