@@ -54,7 +54,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
@@ -84,6 +83,7 @@ from introvae_dist.config import EngineConfig  # noqa: E402
 from introvae_dist.distributed import world_from_env  # noqa: E402
 from introvae_dist.losses import LossWeights  # noqa: E402
 from introvae_dist.models import Encoder, Generator, param_dtype, set_checkpointing, table3_widths  # noqa: E402
+from introvae_dist.plain_engine import PlainEngine  # noqa: E402
 
 Precision = Literal["bf16", "fp32"]
 #: The encoder's engine and the generator's engine of one variant.
@@ -135,27 +135,6 @@ class Result:
     #: The largest torch.cuda.max_memory_allocated() of its timed steps (all engines' weights,
     #: gradients and optimiser state included); None on the CPU.
     peak_memory_gib: float | None = None
-
-
-class PlainEngine:
-    """The duck-typed engine of `algorithm.Engine` over a bare module and Adam (no DeepSpeed)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self._optimizer = torch.optim.Adam(module.parameters(), lr=2e-4)
-
-    def __call__(self, x: torch.Tensor) -> object:
-        return self.module(x)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def step(self) -> None:
-        self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
-
-    def adopt_outputs(self, *outputs: torch.Tensor) -> None:
-        """Nothing to attach: a plain module's backward needs no hooks."""
 
 
 def build_networks(resolution_px: int, checkpointing: bool, latent_dim: int = LATENT_DIM,
