@@ -83,7 +83,7 @@ from introvae_dist.config import EngineConfig  # noqa: E402
 from introvae_dist.distributed import world_from_env  # noqa: E402
 from introvae_dist.losses import LossWeights  # noqa: E402
 from introvae_dist.models import Encoder, Generator, param_dtype, set_checkpointing, table3_widths  # noqa: E402
-from introvae_dist.plain_engine import PlainEngine  # noqa: E402
+from introvae_dist import plain_engine  # noqa: E402
 
 Precision = Literal["bf16", "fp32"]
 #: The encoder's engine and the generator's engine of one variant.
@@ -178,7 +178,8 @@ def count_step_flops_per_image(resolution_px: int, checkpointing: bool, latent_d
         x = torch.rand(FLOP_COUNT_BATCH, 3, resolution_px, resolution_px)
         noise = StepNoise(torch.randn(FLOP_COUNT_BATCH, latent_dim), torch.randn(FLOP_COUNT_BATCH, latent_dim))
     with FlopCounter() as counter:
-        train_step(PlainEngine(enc), PlainEngine(gen), x, noise, WEIGHTS, order=order)
+        train_step(plain_engine.PlainEngine(enc), plain_engine.PlainEngine(gen), x, noise, WEIGHTS, order=order,
+                   adopt=plain_engine.adopt_outputs)
     return counter.total / FLOP_COUNT_BATCH
 
 
@@ -227,9 +228,11 @@ def engines_device(variants: dict[str, EnginePair]) -> torch.device:
 
 def train_step_call(engines: EnginePair, x: torch.Tensor, noise: StepNoise,
                     order: StepOrder = "algorithm1") -> Callable[[], object]:
-    """One `train_step` on fixed inputs, reading a loss so the step has finished."""
+    """One `train_step` of DeepSpeed engines on fixed inputs, reading a loss so the step has finished."""
+    from introvae_dist import engine  # imports DeepSpeed
+
     enc, gen = engines
-    return lambda: train_step(enc, gen, x, noise, WEIGHTS, order=order)["loss_g"].item()
+    return lambda: train_step(enc, gen, x, noise, WEIGHTS, order=order, adopt=engine.adopt_outputs)["loss_g"].item()
 
 
 @dataclass

@@ -29,5 +29,11 @@ class PlainEngine:
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)  # each phase's backward starts from none
 
-    def adopt_outputs(self, *outputs: torch.Tensor) -> None:
-        """Nothing to attach: a plain module's backward needs no hooks."""
+
+def adopt_outputs(engine: PlainEngine, *outputs: torch.Tensor) -> None:
+    """`algorithm.AdoptOutputs` for `PlainEngine`s: nothing to attach, a plain module's
+    backward needs no hooks. Any other engine is refused: one that hooks its backward in
+    `__call__` would run without its hooks and fail later, far from the cause."""
+    if not isinstance(engine, PlainEngine):
+        raise TypeError(f"plain_engine.adopt_outputs is for PlainEngine, got a {type(engine).__name__!r}: "
+                        f"pass its own hook (DeepSpeed engines: adopt=introvae_dist.engine.adopt_outputs)")
