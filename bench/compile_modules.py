@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from step_throughput import (  # noqa: E402
-    build_networks,
     median_wall_s,
     rounds_for_medians,
     run_rounds,
+    seeded_networks,
     step_inputs,
 )
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     z = noise.z_prior.to(torch.bfloat16)
 
     def networks(compiled: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
-        enc, gen = build_networks(128, checkpointing=False)
+        enc, gen = seeded_networks(128, checkpointing=False)
         enc, gen = enc.to(torch.bfloat16), gen.to(torch.bfloat16)
         gen.activation_memory_format = torch.channels_last
         return (torch.compile(enc), torch.compile(gen)) if compiled else (enc, gen)

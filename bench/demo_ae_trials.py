@@ -25,8 +25,9 @@ import torch
 # Run from a checkout without installing: make the package importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from introvae_dist.config import ModelConfig  # noqa: E402
 from introvae_dist.data.synthetic import render_image  # noqa: E402
-from introvae_dist.models import Encoder, Generator  # noqa: E402
+from introvae_dist.models import build_networks  # noqa: E402
 
 NUM_IMAGES = 2048        # the demo's shard set (python -m introvae_dist.data.synthetic)
 STORED_PX = 64           # its stored size, resized to the demo's 32 px as the loader does
@@ -56,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     x_all = images(args.resolution_px)
-    enc = Encoder(args.resolution_px, args.latent_dim, args.widths, checkpointing=False)
-    gen = Generator(args.resolution_px, args.latent_dim, args.widths, checkpointing=False)
+    model = ModelConfig(resolution_px=args.resolution_px, latent_dim=args.latent_dim, widths=args.widths, norm="batch",
+                        checkpoint_blocks=False)
+    enc, gen = build_networks(model)
     opt = torch.optim.Adam([*enc.parameters(), *gen.parameters()], lr=args.lr)
     print(f"# python bench/demo_ae_trials.py {' '.join(sys.argv[1:] if argv is None else argv)}", flush=True)
     start = time.perf_counter()

@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from step_throughput import (  # noqa: E402
     Setup,
-    build_networks,
     cpu_model,
     median_wall_s,
     rounds_for_medians,
     run_rounds,
+    seeded_networks,
     step_inputs,
     train_step_call,
 )
@@ -48,7 +48,7 @@ def build_pair(setup: Setup, cfg: EngineConfig, deepspeed_defaults: bool) -> tup
     from introvae_dist import engine  # imports DeepSpeed
 
     pair = []
-    for net in build_networks(setup.resolution_px, setup.checkpointing):
+    for net in seeded_networks(setup.resolution_px, setup.checkpointing):
         ds_config = engine.deepspeed_config(cfg, setup.batch_per_rank, 1)
         if deepspeed_defaults:
             for key in ADDED_KEYS:

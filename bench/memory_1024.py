@@ -106,7 +106,7 @@ def child(variant: str, min_side_px: int, batch: int, steps: int, device_name: s
     x, noise = step_inputs(RESOLUTION_PX, batch, SEED + 1, LATENT_DIM, engines_device({variant: (e, g)}))
     x = x.contiguous(memory_format=torch.channels_last)
     weights = LossWeights(alpha=0.25, beta=0.0025, margin=90.0)  # Sec. 4.1 at 1024
-    train_step(e, g, x, noise, weights)  # warm-up: Adam's state, oneDNN's / cuDNN's kernels
+    train_step(e, g, x, noise, weights, adopt=engine.adopt_outputs)  # warm-up: Adam's state, oneDNN's / cuDNN's kernels
     synchronize(rank_device)
     on_gpu = rank_device.type == "cuda"
     peaks, totals, reserved, times = [], [], [], []
@@ -117,7 +117,8 @@ def child(variant: str, min_side_px: int, batch: int, steps: int, device_name: s
         else:
             Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
             before = _status_bytes("VmRSS")
-        wall_s, _ = timed(lambda: train_step(e, g, x, noise, weights)["loss_g"].item(), rank_device)
+        wall_s, _ = timed(lambda: train_step(e, g, x, noise, weights, adopt=engine.adopt_outputs)["loss_g"].item(),
+                          rank_device)
         times.append(wall_s)
         if on_gpu:
             totals.append(torch.cuda.max_memory_allocated(rank_device))

@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from step_throughput import (  # noqa: E402
-    build_networks,
     median_wall_s,
     rounds_for_medians,
     run_rounds,
+    seeded_networks,
 )
 
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave out rounds where a variant had less of the cores")
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
-    sizes = [sum(p.numel() for p in net.parameters()) for net in build_networks(128, checkpointing=False)]
+    sizes = [sum(p.numel() for p in net.parameters()) for net in seeded_networks(128, checkpointing=False)]
     variants = {}
     for name, kwargs in (("foreach", {"foreach": True}), ("fused", {"fused": True})):
         flats = [torch.nn.Parameter(torch.randn(n)) for n in sizes]

@@ -58,7 +58,7 @@ def worker(steps: int, out: Path) -> None:
     for i in range(1 + steps):
         collectives.barrier()
         start, cpu_start = time.perf_counter(), time.process_time()
-        train_step(enc, gen, x, noise, WEIGHTS)["loss_g"].item()
+        train_step(enc, gen, x, noise, WEIGHTS, adopt=engine.adopt_outputs)["loss_g"].item()
         wall = time.perf_counter() - start
         if i:
             times.append(wall)

@@ -54,7 +54,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
@@ -79,11 +78,12 @@ from device import (  # noqa: E402
     timed,
 )
 
+from introvae_dist import models, plain_engine  # noqa: E402
 from introvae_dist.algorithm import Engine, StepNoise, StepOrder, train_step  # noqa: E402
-from introvae_dist.config import EngineConfig  # noqa: E402
+from introvae_dist.config import EngineConfig, ModelConfig  # noqa: E402
 from introvae_dist.distributed import world_from_env  # noqa: E402
 from introvae_dist.losses import LossWeights  # noqa: E402
-from introvae_dist.models import Encoder, Generator, param_dtype, set_checkpointing, table3_widths  # noqa: E402
+from introvae_dist.models import Encoder, Generator, param_dtype  # noqa: E402
 
 Precision = Literal["bf16", "fp32"]
 #: The encoder's engine and the generator's engine of one variant.
@@ -137,38 +137,20 @@ class Result:
     peak_memory_gib: float | None = None
 
 
-class PlainEngine:
-    """The duck-typed engine of `algorithm.Engine` over a bare module and Adam (no DeepSpeed)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self._optimizer = torch.optim.Adam(module.parameters(), lr=2e-4)
-
-    def __call__(self, x: torch.Tensor) -> object:
-        return self.module(x)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def step(self) -> None:
-        self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
-
-    def adopt_outputs(self, *outputs: torch.Tensor) -> None:
-        """Nothing to attach: a plain module's backward needs no hooks."""
-
-
-def build_networks(resolution_px: int, checkpointing: bool, latent_dim: int = LATENT_DIM,
-                   min_side_px: int = 0) -> tuple[Encoder, Generator]:
-    """E and G of the preset (Table 3 widths, BatchNorm), seeded: every variant starts alike.
+def preset_model(resolution_px: int, checkpointing: bool, latent_dim: int = LATENT_DIM,
+                 min_side_px: int = 0) -> ModelConfig:
+    """The model section of the preset at `resolution_px` (Table 3 widths, BatchNorm).
     `min_side_px` is `model.checkpoint_min_side_px`."""
+    return ModelConfig(resolution_px=resolution_px, latent_dim=latent_dim, widths=None, norm="batch",
+                       checkpoint_blocks=checkpointing, checkpoint_min_side_px=min_side_px)
+
+
+def seeded_networks(resolution_px: int, checkpointing: bool, latent_dim: int = LATENT_DIM,
+                    min_side_px: int = 0) -> tuple[Encoder, Generator]:
+    """E and G of :func:`preset_model`, built as training builds them and seeded with SEED:
+    every variant starts alike."""
     torch.manual_seed(SEED)
-    widths = table3_widths(resolution_px)
-    enc = Encoder(resolution_px, latent_dim, widths, "batch", checkpointing)
-    gen = Generator(resolution_px, latent_dim, widths, "batch", checkpointing)
-    for net in (enc, gen):
-        set_checkpointing(net, checkpointing, min_side_px)
-    return enc, gen
+    return models.build_networks(preset_model(resolution_px, checkpointing, latent_dim, min_side_px))
 
 
 def step_inputs(resolution_px: int, batch: int, seed: int, latent_dim: int = LATENT_DIM,
@@ -190,16 +172,13 @@ def count_step_flops_per_image(resolution_px: int, checkpointing: bool, latent_d
     no time. Gives the same counts as real fp32 tensors (checked against a run on real
     tensors when this was written).
     """
+    enc, gen = models.build_networks(preset_model(resolution_px, checkpointing, latent_dim, min_side_px), "meta")
     with torch.device("meta"):
-        widths = table3_widths(resolution_px)
-        enc = Encoder(resolution_px, latent_dim, widths, "batch", checkpointing)
-        gen = Generator(resolution_px, latent_dim, widths, "batch", checkpointing)
-        for net in (enc, gen):
-            set_checkpointing(net, checkpointing, min_side_px)
         x = torch.rand(FLOP_COUNT_BATCH, 3, resolution_px, resolution_px)
         noise = StepNoise(torch.randn(FLOP_COUNT_BATCH, latent_dim), torch.randn(FLOP_COUNT_BATCH, latent_dim))
     with FlopCounter() as counter:
-        train_step(PlainEngine(enc), PlainEngine(gen), x, noise, WEIGHTS, order=order)
+        train_step(plain_engine.PlainEngine(enc), plain_engine.PlainEngine(gen), x, noise, WEIGHTS, order=order,
+                   adopt=plain_engine.adopt_outputs)
     return counter.total / FLOP_COUNT_BATCH
 
 
@@ -231,7 +210,7 @@ def build_variant(setup: Setup, precision: Precision, channels_last: bool = Fals
     from introvae_dist import engine  # imports DeepSpeed
 
     cfg = EngineConfig(zero_stage=setup.zero_stage, precision=precision, fused_adam=fused_adam)
-    enc, gen = build_networks(setup.resolution_px, setup.checkpointing, latent_dim, min_side_px)
+    enc, gen = seeded_networks(setup.resolution_px, setup.checkpointing, latent_dim, min_side_px)
     if channels_last:  # as the trainer does with train.channels_last (and the caller's input)
         gen.activation_memory_format = torch.channels_last
     return (engine.build_engine(enc, cfg, setup.batch_per_rank, world_size),
@@ -248,9 +227,11 @@ def engines_device(variants: dict[str, EnginePair]) -> torch.device:
 
 def train_step_call(engines: EnginePair, x: torch.Tensor, noise: StepNoise,
                     order: StepOrder = "algorithm1") -> Callable[[], object]:
-    """One `train_step` on fixed inputs, reading a loss so the step has finished."""
+    """One `train_step` of DeepSpeed engines on fixed inputs, reading a loss so the step has finished."""
+    from introvae_dist import engine  # imports DeepSpeed
+
     enc, gen = engines
-    return lambda: train_step(enc, gen, x, noise, WEIGHTS, order=order)["loss_g"].item()
+    return lambda: train_step(enc, gen, x, noise, WEIGHTS, order=order, adopt=engine.adopt_outputs)["loss_g"].item()
 
 
 @dataclass

@@ -76,7 +76,6 @@ from step_throughput import (  # noqa: E402
     WEIGHTS,
     FlopCounter,
     Setup,
-    build_networks,
     build_variant,
     count_step_flops_per_image,
     cpu_model,
@@ -84,6 +83,7 @@ from step_throughput import (  # noqa: E402
     median_wall_s,
     rounds_for_medians,
     run_rounds,
+    seeded_networks,
     step_inputs,
     train_step_call,
 )
@@ -127,7 +127,7 @@ class AuthorsStep:
     def __init__(self, resolution_px: int, device: torch.device | None = None) -> None:
         """Networks on `device` (None: where they were made, e.g. the meta device of a FLOP count);
         the optimisers after the move, so their state is made there too."""
-        self.enc, self.gen = build_networks(resolution_px, checkpointing=False)
+        self.enc, self.gen = seeded_networks(resolution_px, checkpointing=False)
         if device is not None:
             self.enc.to(device)
             self.gen.to(device)

@@ -8,7 +8,9 @@ and the encoder phase takes L_AE's gradient at z with `torch.autograd.grad`, whi
 weight gradient of G, so neither engine's backward ever reaches the other's weights.
 
 Nothing here imports DeepSpeed: an engine is anything with `__call__`, `module`, `backward`
-and `step`, so the same code runs on DeepSpeed engines and in plain-PyTorch tests.
+and `step`, so the same code runs on DeepSpeed engines and in plain-PyTorch tests
+(`introvae_dist.plain_engine`). What differs between the two is passed in explicitly: the
+hook that makes outputs of a bare module part of its engine's backward (`AdoptOutputs`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -43,9 +45,22 @@ class Engine(Protocol):
 
     def step(self) -> object: ...
 
-    def adopt_outputs(self, *outputs: torch.Tensor) -> None:
-        """Treat tensors computed by `module` as if `__call__` had returned them, before this
-        engine's backward (DeepSpeed attaches its backward hooks in `__call__`)."""
+
+class AdoptOutputs(Protocol):
+    """Makes tensors computed by `engine.module`, not by `engine(...)`, part of `engine`'s next
+    backward as if `engine(...)` had returned them.
+
+    The step runs a network through its bare module where a data-only `torch.autograd.grad`
+    must pass through it first (`decode`, `shared_encoder_phases`); an engine that hooks its
+    backward in `__call__` (DeepSpeed) needs those hooks on these outputs before its own
+    backward. Each kind of engine comes with its own: `introvae_dist.engine.adopt_outputs`,
+    `introvae_dist.plain_engine.adopt_outputs`. Each refuses the other's engines, so a
+    DeepSpeed step given the plain one stops in its first step with a message saying which to
+    pass, not inside DeepSpeed's backward (an IndexError in reduce_ipg_grads).
+    """
+
+    # Any: each hook takes its own kind of engine, not every Engine.
+    def __call__(self, engine: Any, *outputs: torch.Tensor) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -154,14 +169,14 @@ def encoder_phase(enc: Engine, d: Decoded, w: LossWeights, on_gradients: Gradien
 
 
 def generator_phase(
-    enc: Engine, gen: Engine, d: Decoded, w: LossWeights, on_gradients: GradientHook | None
+    enc: Engine, gen: Engine, d: Decoded, w: LossWeights, on_gradients: GradientHook | None, *, adopt: AdoptOutputs
 ) -> dict[str, torch.Tensor]:
     """Algorithm 1, lines 11-13: re-encode x_r and x_p with the updated E, update G with L_G.
 
     E is called through its bare module with its weights frozen (FIELD-NOTES: the frozen
     engine stays out of the backward), so only data gradients pass through it into G's graph.
     """
-    gen.adopt_outputs(d.x_rec, d.x_fake)
+    adopt(gen, d.x_rec, d.x_fake)  # decode() ran G through its bare module
     with frozen(enc.module):
         kl_rec = kl_per_image(*_encode(enc.module, enc.module, d.x_rec))
         kl_fake = kl_per_image(*_encode(enc.module, enc.module, d.x_fake))
@@ -174,7 +189,7 @@ def generator_phase(
 
 
 def shared_encoder_phases(
-    enc: Engine, gen: Engine, d: Decoded, w: LossWeights, on_gradients: GradientHook | None
+    enc: Engine, gen: Engine, d: Decoded, w: LossWeights, on_gradients: GradientHook | None, *, adopt: AdoptOutputs
 ) -> dict[str, torch.Tensor]:
     """The fast path: one encoder pass over x_r and x_p serves L_E (Eq. 11) and L_G (Eq. 12).
 
@@ -196,14 +211,14 @@ def shared_encoder_phases(
     kl_rec, kl_fake = kl_per_image(*encoded_rec), kl_per_image(*encoded_fake)
     grad_rec, grad_fake = torch.autograd.grad((w.alpha * (kl_rec + kl_fake)).mean(), (x_rec, x_fake),
                                               retain_graph=True)
-    enc.adopt_outputs(*encoded_rec, *encoded_fake)
+    adopt(enc, *encoded_rec, *encoded_fake)
     loss_e = encoder_loss(kl_real, kl_rec, kl_fake, d.l_ae.detach(), w)
     enc.backward(loss_e + _through_z(d))
     if on_gradients is not None:
         on_gradients("encoder")
     enc.step()
     loss_g = generator_loss(kl_rec.detach(), kl_fake.detach(), d.l_ae, w)
-    gen.adopt_outputs(d.x_rec, d.x_fake)
+    adopt(gen, d.x_rec, d.x_fake)
     through_e = (d.x_rec.float() * grad_rec.float()).sum() + (d.x_fake.float() * grad_fake.float()).sum()
     gen.backward(loss_g + through_e - through_e.detach())
     if on_gradients is not None:
@@ -223,19 +238,22 @@ STEP_ORDERS: tuple[str, ...] = ("algorithm1", "shared_encoder")
 
 def train_step(
     enc: Engine, gen: Engine, x: torch.Tensor, noise: StepNoise, w: LossWeights,
-    on_gradients: GradientHook | None = None, order: StepOrder = "algorithm1",
+    on_gradients: GradientHook | None = None, order: StepOrder = "algorithm1", *, adopt: AdoptOutputs,
 ) -> dict[str, torch.Tensor]:
     """One iteration of Algorithm 1: the encoder phase, then the generator phase.
 
     During the VAE warm-up the caller passes alpha = 0, which reduces Eq. 11-12 to a VAE.
     `order="shared_encoder"` takes the fast path (see `shared_encoder_phases`).
+    `adopt` is the output hook of the engines' kind, required so that no caller can leave it
+    out: `introvae_dist.engine.adopt_outputs` for DeepSpeed engines,
+    `introvae_dist.plain_engine.adopt_outputs` for `PlainEngine`s.
     Returns the figures named in METRIC_NAMES as 0-dim tensors.
     """
     d = decode(enc, gen, x, noise, w)
     if order == "shared_encoder":
-        return shared_encoder_phases(enc, gen, d, w, on_gradients)
+        return shared_encoder_phases(enc, gen, d, w, on_gradients, adopt=adopt)
     if order != "algorithm1":
         raise ValueError(f"order={order!r}: expected one of {STEP_ORDERS}")
     figures = encoder_phase(enc, d, w, on_gradients)
-    figures.update(generator_phase(enc, gen, d, w, on_gradients))
+    figures.update(generator_phase(enc, gen, d, w, on_gradients, adopt=adopt))
     return figures

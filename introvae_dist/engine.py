@@ -124,12 +124,14 @@ def build_engine(module: nn.Module, cfg: EngineConfig, batch_per_rank: int, worl
     if ds_config is None:
         ds_config = deepspeed_config(cfg, batch_per_rank, world_size, load_universal)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
-    engine.adopt_outputs = lambda *outputs: _adopt_outputs(engine, outputs)  # algorithm.Engine
     return engine
 
 
-def _adopt_outputs(engine: DeepSpeedEngine, outputs: tuple[torch.Tensor, ...]) -> None:
-    """Attach to `outputs`, computed by `engine.module` rather than `engine(...)`, the backward
+def adopt_outputs(engine: DeepSpeedEngine, *outputs: torch.Tensor) -> None:
+    """`algorithm.AdoptOutputs` for DeepSpeed engines: every `algorithm.train_step` over
+    engines of :func:`build_engine` passes ``adopt=adopt_outputs``.
+
+    Attaches to `outputs`, computed by `engine.module` rather than `engine(...)`, the backward
     hooks that DeepSpeed's forward attaches to its outputs (deepspeed 0.19.8, engine.forward):
     they run the engine's backward prologue (ZeRO's backward state, the gradient-accumulation
     boundary) when `engine.backward` first reaches them.
@@ -140,6 +142,9 @@ def _adopt_outputs(engine: DeepSpeedEngine, outputs: tuple[torch.Tensor, ...]) -
     gradient reduction, which fails on an empty bucket (FIELD-NOTES: IndexError in
     reduce_ipg_grads) and leaves nothing for the second.
     """
+    if not isinstance(engine, DeepSpeedEngine):
+        raise TypeError(f"engine.adopt_outputs is for DeepSpeed engines, got a {type(engine).__name__!r} "
+                        f"(plain_engine.PlainEngine: pass adopt=plain_engine.adopt_outputs)")
     register_output_backward_hooks(outputs, preprocess_once_fn=engine._backward_prologue,
                                    preprocess_per_tensor_fn=engine._backward_prologue_per_tensor)
 

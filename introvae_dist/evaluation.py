@@ -45,7 +45,8 @@ from introvae_dist.data.loader import read_image_range
 from introvae_dist.data.shard_set import DataError, ShardSet, resolve_shard_set, verify_shards, with_sample_counts
 from introvae_dist.data.tar_reader import ReadStats
 from introvae_dist.files import sha256_of_file, write_atomic
-from introvae_dist.inference import decode, generated_batches, latents, to_uint8
+from introvae_dist.images import to_uint8
+from introvae_dist.inference import decode, generated_batches, latents
 from introvae_dist.metrics.fid import FeatureExtractor, FeatureStats, frechet_distance
 from introvae_dist.metrics.inception import FEATURE_DIM, InceptionWeightsError, how_to_get_weights, load_fid_inception
 from introvae_dist.metrics.ms_ssim import PGGAN_WEIGHTS, ms_ssim

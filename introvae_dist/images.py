@@ -12,10 +12,15 @@ from PIL import Image
 from introvae_dist.files import write_atomic
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) floats in [0, 1] -> (B, H, W, 3) uint8, clipping out-of-range values."""
-    array = images.detach().float().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
-    return array.permute(0, 2, 3, 1).cpu().numpy()
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) floats in [0, 1] -> uint8 (B, 3, H, W) on the same device, as PNGs store them.
+
+    Out-of-range values are clipped to 0 and 255, and each value goes to the nearest of the
+    256 levels (ties to even, torch.round). The cast to fp32 comes first: 255 * x in bf16 is
+    itself rounded to bf16 (steps of 0.5 between 64 and 128), which moves some values to the
+    neighbouring level, so a bf16 network's images would be saved differently from fp32's.
+    """
+    return images.detach().float().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
 
 
 def cell_scale(side_px: int, min_cell_px: int) -> int:
@@ -30,7 +35,7 @@ def save_grid(rows: Sequence[torch.Tensor], path: Path, pad_px: int = 2, min_cel
     block (nearest neighbour): a 32 px image is readable at 128 px, and every pixel is still
     the network's own (no interpolation invents detail).
     """
-    blocks = [to_uint8(r) for r in rows]
+    blocks = [to_uint8(r).permute(0, 2, 3, 1).cpu().numpy() for r in rows]  # (N, H, W, 3) each
     scale = cell_scale(blocks[0].shape[1], min_cell_px)
     if scale > 1:
         blocks = [b.repeat(scale, axis=1).repeat(scale, axis=2) for b in blocks]

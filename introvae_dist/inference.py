@@ -190,11 +190,6 @@ def generated_batches(generator: Generator, start: int, stop: int, seed: int, ba
         yield first, images[first - chunk:last - chunk]
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, R, R) floats in [0, 1] -> uint8 (B, 3, R, R), rounded as PNGs store them."""
-    return images.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
-
-
 # --- reconstruction and interpolation --------------------------------------------------------
 
 def reconstruct(models: Models, images: torch.Tensor, device: torch.device | str, batch: int, *,

@@ -21,8 +21,8 @@ from PIL import Image
 
 from introvae_dist.data.shard_writer import MANIFEST_NAME, SHARD_PATTERN, ShardInProgress, build_manifest
 from introvae_dist.files import write_json_atomic
-from introvae_dist.images import save_grid
-from introvae_dist.inference import ModelSource, generated_batches, to_uint8
+from introvae_dist.images import save_grid, to_uint8
+from introvae_dist.inference import ModelSource, generated_batches
 from introvae_dist.models import Generator
 from introvae_dist.rank_work import Workers, rank_batches
 

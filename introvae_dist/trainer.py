@@ -35,6 +35,7 @@ class Trainer:
         from introvae_dist import engine
 
         self.cfg, self.world, self.plan = cfg, world, plan
+        self._adopt = engine.adopt_outputs  # DeepSpeed's output hooks for G's shared forward
         threads = cpu_threads_per_rank(world)
         if threads is not None and not torch.cuda.is_available():
             torch.set_num_threads(threads)
@@ -122,7 +123,8 @@ class Trainer:
         # Re-laid out while still uint8 (a quarter of the bytes); the float keeps the layout.
         x = to_unit_float(images.contiguous(memory_format=self.memory_format))
         noise = StepNoise.sample(x.shape[0], self.cfg.model.latent_dim, self.noise_rng, self.device)
-        return train_step(self.enc, self.gen, x, noise, self._loss_weights(phase), order=self.cfg.train.step_order)
+        return train_step(self.enc, self.gen, x, noise, self._loss_weights(phase), order=self.cfg.train.step_order,
+                          adopt=self._adopt)
 
     def _loss_weights(self, phase: str) -> LossWeights:
         c = self.cfg.loss

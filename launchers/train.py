@@ -6,6 +6,9 @@
 
 Arguments after the options are dotted overrides (encoder.lr=1e-4). `--dry-run` prints the
 resolved config and the checks of the input, then exits without starting any engine.
+
+Imports the installed package (README: `python -m pip install -e .`); the tests put the
+checkout on PYTHONPATH instead (tests/conftest.py `run`).
 """
 
 from __future__ import annotations
@@ -15,19 +18,16 @@ import faulthandler
 import sys
 from pathlib import Path
 
-# Run from a checkout without installing: make the package importable.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from introvae_dist import peer_failure  # noqa: E402
-from introvae_dist.config import ConfigError, dump_config, load_config  # noqa: E402
-from introvae_dist.data.shard_set import DataError  # noqa: E402
-from introvae_dist.distributed import world_from_env  # noqa: E402
-from introvae_dist.data.loader import describe_epoch  # noqa: E402
-from introvae_dist.checkpointing.layout import CheckpointError  # noqa: E402
-from introvae_dist.exit_codes import EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_SAVED_ON_SIGNAL  # noqa: E402
-from introvae_dist.stop_signals import StopSignals  # noqa: E402
-from introvae_dist.maintenance import NonFiniteLoss  # noqa: E402
-from introvae_dist.run_plan import plan_run, stream_spec  # noqa: E402
+from introvae_dist import peer_failure
+from introvae_dist.checkpointing.layout import CheckpointError
+from introvae_dist.config import ConfigError, dump_config, load_config
+from introvae_dist.data.loader import describe_epoch
+from introvae_dist.data.shard_set import DataError
+from introvae_dist.distributed import world_from_env
+from introvae_dist.exit_codes import EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_SAVED_ON_SIGNAL
+from introvae_dist.maintenance import NonFiniteLoss
+from introvae_dist.run_plan import plan_run, stream_spec
+from introvae_dist.stop_signals import StopSignals
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

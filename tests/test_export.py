@@ -91,7 +91,7 @@ def _grid_rows(png: Path, n: int, size_px: int, cell_px: int) -> list[np.ndarray
 
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
-    """As introvae_dist.images.to_uint8: (B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8."""
+    """As introvae_dist.images.to_uint8, laid out as save_grid writes it: (B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8."""
     return images.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 

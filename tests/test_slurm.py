@@ -11,6 +11,7 @@ Skipped, with the reason, where SLURM cannot be installed or started.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -53,7 +54,9 @@ def cluster() -> Iterator[SlurmCluster]:
 
 
 def _sbatch(cluster: SlurmCluster, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {"PYTHON": sys.executable, "PYTHONUNBUFFERED": "1"}
+    # As conftest.run: the jobs import this checkout, whatever is installed.
+    python_path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {"PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path}
     return cluster.run("sbatch", "--parsable", *args, cwd=REPO, env=env)
 
 

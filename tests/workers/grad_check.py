@@ -140,7 +140,8 @@ def main() -> None:
                 seen[f"{phase}_grads"] = [engine.full_grad(p) for p in updated.module.parameters()]
                 seen[f"calls_after_{phase}"] = dict(calls.calls)
 
-            train_step(e, g, x[rows], local_noise, W, on_gradients=on_gradients, order=order)  # type: ignore[arg-type]
+            train_step(e, g, x[rows], local_noise, W, on_gradients=on_gradients, order=order,  # type: ignore[arg-type]
+                       adopt=engine.adopt_outputs)
             after_e, after_g = seen["calls_after_encoder"], seen["calls_after_generator"]
             report[f"zero{stage}_{order}"] = {
                 "encoder_rel_err": max_rel_err(seen["encoder_grads"], ref_grads_e),  # type: ignore[arg-type]

@@ -100,7 +100,7 @@ def main() -> None:
             for step, (x, noise) in enumerate(inputs, start=1):
                 local = StepNoise(eps=noise.eps[rows].to(device), z_prior=noise.z_prior[rows].to(device))
                 x_local = x[rows].to(device).contiguous(memory_format=memory_format)
-                train_step(e, g, x_local, local, WEIGHTS, order=order)  # type: ignore[arg-type]
+                train_step(e, g, x_local, local, WEIGHTS, order=order, adopt=engine.adopt_outputs)  # type: ignore[arg-type]
                 if step in (1, STEPS):
                     after[step] = {"encoder": engine.full_fp32_params(e), "generator": engine.full_fp32_params(g)}
             report["cases"][f"zero{stage}_{order}"] = after  # type: ignore[index]
