@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from introvae_dist import collectives
 from introvae_dist.data.image_inputs import check_stored_size
 from introvae_dist.data.loader import read_image_range
 from introvae_dist.data.shard_set import DataError, ShardSet, resolve_shard_set, verify_shards, with_sample_counts
@@ -238,13 +239,13 @@ def _sample_figures(generator: nn.Module, plan: EvalPlan, workers: Workers, feat
             decode(generator, latents(plan.seed, range(1), generator.latent_dim), workers.device)
     figures: dict[str, Any] = {}
     if stats is not None:
-        generated = FeatureStats.from_flat(workers.sum(stats.to_flat()), stats.dim)
+        generated = FeatureStats.from_flat(collectives.sum_(stats.to_flat()), stats.dim)
         real, real_info = real_statistics(plan, workers, features, bar)  # type: ignore[arg-type]
         if workers.is_main:
             figures["fid"] = frechet_distance(*generated.mean_cov(), *real)
         figures.update(fid_num_generated=generated.count, feature_network=features.id, **real_info)  # type: ignore[union-attr]
     if num_pairs_images:
-        total_value, pairs = workers.sum(ms_ssim_sum).tolist()
+        total_value, pairs = collectives.sum_(ms_ssim_sum).tolist()
         figures.update(ms_ssim=total_value / pairs, ms_ssim_pairs=int(pairs),
                        ms_ssim_px=min(plan.ms_ssim_px, plan.resolution_px))
     return figures
@@ -277,8 +278,8 @@ def _reconstruction_figures(encoder: nn.Module, generator: nn.Module, plan: Eval
         dummy = torch.zeros(1, 3, plan.resolution_px, plan.resolution_px)
         for _ in range(workers.rounds(total, plan.batch) - done):
             _reconstruct_from_mu(encoder, generator, dummy, workers.device)
-    sum_mse, sum_psnr, count = workers.sum(sums).tolist()
-    skipped = int(workers.sum(torch.tensor([float(read.samples_skipped)], dtype=torch.float64)).item())
+    sum_mse, sum_psnr, count = collectives.sum_(sums).tolist()
+    skipped = int(collectives.sum_(torch.tensor([float(read.samples_skipped)], dtype=torch.float64)).item())
     if count == 0:
         raise EvaluationInputError(f"{heldout.manifest_path or heldout.spec}: no decodable held-out image")
     return {"rmse": float(np.sqrt(sum_mse / count)), "psnr_db": sum_psnr / count, "recon_num_images": int(count),
@@ -303,19 +304,19 @@ def real_statistics(plan: EvalPlan, workers: Workers, features: FeatureNetwork,
     key = stats_key(real, total, plan.resolution_px, features.id, workers)
     path = plan.cache_dir / f"fid-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]}.npz"
     cached = _read_cached(path, key) if workers.is_main else None
-    hit = workers.broadcast(cached is not None)
+    hit = collectives.broadcast_object(cached is not None)
     info = {"fid_real": str(real.manifest_path or real.spec), "fid_real_stats": str(path), "fid_real_cached": hit}
     if hit:
         assert not workers.is_main or cached is not None
         mean_cov, count = (cached[:2], cached[2]) if cached is not None else (None, 0)
-        return mean_cov, {**info, "fid_num_real": workers.broadcast(count)}
+        return mean_cov, {**info, "fid_num_real": collectives.broadcast_object(count)}
     share = workers.share(total, plan.batch)
     stats, read = FeatureStats(features.dim, workers.device), ReadStats()
     with (bar or _ProgressFactory(False))(total=len(share), desc="real set (rank 0)") as progress:
         for pixels in read_image_range(real.shards, share.start, share.stop, plan.resolution_px, plan.batch, read):
             stats.add(features.extract(pixels.to(workers.device, torch.float32) / 255.0))
             progress.update(pixels.shape[0])
-    merged = FeatureStats.from_flat(workers.sum(stats.to_flat()), features.dim)
+    merged = FeatureStats.from_flat(collectives.sum_(stats.to_flat()), features.dim)
     if not workers.is_main:
         return None, {**info, "fid_num_real": merged.count}
     mean_cov = merged.mean_cov()
@@ -329,7 +330,7 @@ def stats_key(real: ShardSet, num_images: int, resolution_px: int, network_id: s
     Remote shards without a manifest sha256 are keyed by URL."""
     missing = [i for i, s in enumerate(real.shards) if s.sha256 is None and not s.is_remote]
     mine = {i: sha256_of_file(Path(real.shards[i].url)) for i in missing[workers.world.rank::workers.world.world_size]}
-    hashed = {i: h for part in workers.gather(mine) for i, h in part.items()}
+    hashed = {i: h for part in collectives.gather_object(mine) for i, h in part.items()}
     shards = [s.sha256 or hashed.get(i) or f"url:{s.url}" for i, s in enumerate(real.shards)]
     return {"format": STATS_FORMAT, "shards": shards, "num_images": num_images, "resolution_px": resolution_px,
             "feature_network": network_id, "decode": "centre crop, bicubic resize, no flip (data.decode)"}
@@ -422,7 +423,7 @@ class TrainingEvaluator:
             net.eval()
         try:
             for b in buffers:
-                workers.broadcast_tensor_(b)
+                collectives.broadcast_tensor_(b)
             record = evaluate(encoder, generator, self.plan, workers, self.features, pad_forwards=True, progress=False)
         finally:
             with torch.no_grad():

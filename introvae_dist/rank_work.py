@@ -14,7 +14,6 @@ one is running already (inside training, DeepSpeed's); the world comes from
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -46,8 +45,8 @@ def max_rank_batches(total: int, batch: int, world_size: int) -> int:
 
 @dataclass
 class Workers:
-    """This process's place in the job, its device, and the collectives the evaluation needs
-    (all through :mod:`introvae_dist.collectives`, at every world size)."""
+    """This process's place in the job, its device and its share of the work; the collectives
+    themselves are :mod:`introvae_dist.collectives`' (one place for every torch.distributed call)."""
 
     world: World
     device: torch.device
@@ -84,25 +83,6 @@ class Workers:
 
     def rounds(self, total: int, batch: int) -> int:
         return max_rank_batches(total, batch, self.world.world_size)
-
-    def sum(self, values: torch.Tensor) -> torch.Tensor:
-        """Element-wise sum over ranks of a tensor on any device; the result on the CPU."""
-        return collectives.sum_(values)
-
-    def gather(self, value: Any) -> list[Any]:
-        """Every rank's ``value``, in rank order, on every rank."""
-        return collectives.gather_object(value)
-
-    def broadcast(self, value: Any) -> Any:
-        """Rank 0's ``value`` on every rank."""
-        return collectives.broadcast_object(value)
-
-    def broadcast_tensor_(self, tensor: torch.Tensor) -> None:
-        """Overwrite ``tensor`` on every rank with rank 0's, in place."""
-        collectives.broadcast_tensor_(tensor)
-
-    def barrier(self) -> None:
-        collectives.barrier()
 
     def close(self) -> None:
         if self.owns_process_group:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from introvae_dist import collectives
 from introvae_dist.data.shard_writer import MANIFEST_NAME, SHARD_PATTERN, ShardInProgress, build_manifest
 from introvae_dist.files import write_json_atomic
 from introvae_dist.images import save_grid, to_uint8
@@ -61,17 +62,17 @@ def write_pngs(job: SampleJob, out: Path) -> None:
     for first, pixels in job.own_batches():
         for j, image in enumerate(pixels):
             (out / f"sample_{first + j:08d}.png").write_bytes(png_bytes(image))
-    job.workers.barrier()
+    collectives.barrier()
 
 
 def write_grid(job: SampleJob, path: Path, columns: int) -> None:
     """One PNG of all images, ``columns`` per row, assembled by rank 0."""
     own = torch.cat([pixels for _, pixels in job.own_batches()] or [torch.zeros(0, dtype=torch.uint8)])
-    parts = job.workers.gather(own)
+    parts = collectives.gather_object(own)
     if job.workers.is_main:
         images = torch.cat([p for p in parts if p.numel()]).float() / 255.0
         save_grid([images[i:i + columns] for i in range(0, images.shape[0], columns)], path)
-    job.workers.barrier()
+    collectives.barrier()
 
 
 def write_shards(job: SampleJob, out: Path, name: str, samples_per_shard: int, source: ModelSource) -> int:
@@ -92,12 +93,12 @@ def write_shards(job: SampleJob, out: Path, name: str, samples_per_shard: int, s
         except BaseException:
             writer.abort()
             raise
-    every = sorted((entry for part in job.workers.gather(entries) for entry in part), key=lambda e: e["file"])
+    every = sorted((entry for part in collectives.gather_object(entries) for entry in part), key=lambda e: e["file"])
     if job.workers.is_main:
         origin = {"kind": "introvae-dist sample", "path": str(source.path), "step": source.step}
         params = {"seed": job.seed, "num_images": job.num_images, "batch": job.batch,
                   "samples_per_shard": samples_per_shard}
         manifest = build_manifest(name, origin, source.model.resolution_px, params, every, skipped=[])
         write_json_atomic(out / MANIFEST_NAME, manifest)
-    job.workers.barrier()
+    collectives.barrier()
     return num_shards
