@@ -29,7 +29,11 @@ from typing import Any
 import torch
 
 from introvae_dist.checkpointing.layout import (
+    ENGINE_DIRS,
+    ENGINE_TAG,
+    LEGACY_COMPLETE_NAME,
     MANIFEST_NAME,
+    TRAINER_STATE_NAME,
     CheckpointError,
     check_files,
     read_manifest,
@@ -51,12 +55,8 @@ from introvae_dist.weights import (
     tensors_sha256,
 )
 
-#: The DeepSpeed checkpoint tag the trainer saves under (``encoder/ds/``, ``generator/ds/``).
-TAG = "ds"
-NETWORKS = ("encoder", "generator")
-TRAINER_STATE = "trainer_state.json"
-#: Markers that a checkpoint is complete: MANIFEST.json (current) or COMPLETE (older runs).
-COMPLETE_MARKERS = ("MANIFEST.json", "COMPLETE")
+#: Markers that a checkpoint is complete: the manifest, or the marker of older runs.
+COMPLETE_MARKERS = (MANIFEST_NAME, LEGACY_COMPLETE_NAME)
 
 
 class ExportError(ValueError):
@@ -134,15 +134,15 @@ def read_checkpoint(step_folder: Path) -> dict[str, Any]:
         raise ExportError(f"{step_folder}: no such checkpoint folder")
     if not step_folder.is_dir():
         raise ExportError(f"{step_folder}: not a checkpoint folder (expected RUN/checkpoints/step_NNNNNNNN/)")
-    parts = [step_folder / name for name in (*NETWORKS, TRAINER_STATE, *COMPLETE_MARKERS)]
+    parts = [step_folder / name for name in (*ENGINE_DIRS, TRAINER_STATE_NAME, *COMPLETE_MARKERS)]
     if not any(p.exists() for p in parts):
-        raise ExportError(f"{step_folder}: not a checkpoint folder (no {'/, '.join(NETWORKS)}/ or {TRAINER_STATE})"
+        raise ExportError(f"{step_folder}: not a checkpoint folder (no {'/, '.join(ENGINE_DIRS)}/ or {TRAINER_STATE_NAME})"
                           + _checkpoint_hint(step_folder))
     check_checkpoint_complete(step_folder)
-    for net in NETWORKS:
-        if not (step_folder / net / TAG).is_dir():
-            raise ExportError(f"{step_folder / net / TAG}: missing; the checkpoint is damaged")
-    state_path = step_folder / TRAINER_STATE
+    for net in ENGINE_DIRS:
+        if not (step_folder / net / ENGINE_TAG).is_dir():
+            raise ExportError(f"{step_folder / net / ENGINE_TAG}: missing; the checkpoint is damaged")
+    state_path = step_folder / TRAINER_STATE_NAME
     try:
         state = json.loads(state_path.read_text())
         step, images_seen, model_section = int(state["step"]), int(state["images_seen"]), state["config"]["model"]
@@ -158,9 +158,9 @@ def consolidated_networks(step_folder: Path, model: ModelConfig) -> dict[str, di
     each network's whole state dict (fp32 master weights, rank 0's buffers), checked against
     ``model``. Used by the export and by the inference commands, which need no engine."""
     networks = {}
-    for net_name, expected in zip(NETWORKS, _expected_shapes(model)):
+    for net_name, expected in zip(ENGINE_DIRS, _expected_shapes(model)):
         net_state = consolidate(step_folder / net_name)
-        _check_fits(net_state, expected, step_folder / net_name / TAG, net_name)
+        _check_fits(net_state, expected, step_folder / net_name / ENGINE_TAG, net_name)
         networks[net_name] = net_state
     return networks
 
@@ -168,12 +168,12 @@ def consolidated_networks(step_folder: Path, model: ModelConfig) -> dict[str, di
 def consolidate(net_folder: Path) -> dict[str, torch.Tensor]:
     """One network's whole state dict (parameters in fp32, buffers) from its DeepSpeed folder
     ``net_folder/ds``, written by any number of ranks at any ZeRO stage."""
-    ds_folder = net_folder / TAG
+    ds_folder = net_folder / ENGINE_TAG
     zero_to_fp32 = _import_zero_to_fp32()  # outside _quiet(): DeepSpeed's logger keeps the stdout it finds
     try:
         with _quiet():
             if any(ds_folder.glob("*optim_states.pt")):  # ZeRO 1-3: one file per rank
-                state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(net_folder), tag=TAG)
+                state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(net_folder), tag=ENGINE_TAG)
             else:
                 state = _stage0_state(ds_folder)
     except ExportError:
@@ -257,7 +257,7 @@ def _expected_shapes(model: ModelConfig) -> list[dict[str, tuple[int, ...]]]:
 def _check_fits(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: Path, net: str) -> None:
     problems = state_dict_problems(expected, state)
     if problems:
-        raise ExportError(f"{source}: the {net} weights do not fit the model in {TRAINER_STATE} "
+        raise ExportError(f"{source}: the {net} weights do not fit the model in {TRAINER_STATE_NAME} "
                           f"({'; '.join(problems)})")
 
 

@@ -37,6 +37,8 @@ from introvae_dist.files import fsync_dir, sha256_of_file, write_json_atomic, wr
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST_NAME = "MANIFEST.json"
 MANIFEST_FORMAT = "introvae-dist-checkpoint/1"
+#: What marked a complete checkpoint before the manifest existed (the export still reads it).
+LEGACY_COMPLETE_NAME = "COMPLETE"
 LATEST_NAME = "latest"
 TRAINER_STATE_NAME = "trainer_state.json"
 RANKS_DIR = "ranks"
