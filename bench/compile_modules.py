@@ -24,14 +24,10 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from step_throughput import (  # noqa: E402
+from step_throughput import (
     median_wall_s,
     rounds_for_medians,
     run_rounds,

@@ -43,9 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from device import (  # noqa: E402
+from device import (
     add_device_arguments,
     backend_flags,
     describe,

@@ -17,17 +17,13 @@ import argparse
 import math
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-# Run from a checkout without installing: make the package importable.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from introvae_dist.config import ModelConfig  # noqa: E402
-from introvae_dist.data.synthetic import render_image  # noqa: E402
-from introvae_dist.models import build_networks  # noqa: E402
+from introvae_dist.config import ModelConfig
+from introvae_dist.data.synthetic import render_image
+from introvae_dist.models import build_networks
 
 NUM_IMAGES = 2048        # the demo's shard set (python -m introvae_dist.data.synthetic)
 STORED_PX = 64           # its stored size, resized to the demo's 32 px as the loader does

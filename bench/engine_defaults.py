@@ -18,15 +18,11 @@ import argparse
 import os
 import shlex
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from step_throughput import (  # noqa: E402
+from step_throughput import (
     Setup,
     cpu_model,
     median_wall_s,
@@ -37,8 +33,8 @@ from step_throughput import (  # noqa: E402
     train_step_call,
 )
 
-from introvae_dist.config import EngineConfig  # noqa: E402
-from introvae_dist.distributed import world_from_env  # noqa: E402
+from introvae_dist.config import EngineConfig
+from introvae_dist.distributed import world_from_env
 
 #: What issue 13 added to each engine's config; "defaults" leaves these to DeepSpeed.
 ADDED_KEYS = ("gradient_clipping", "prescale_gradients", "gradient_predivide_factor", "communication_data_type")

@@ -37,16 +37,13 @@ from pathlib import Path
 
 import torch
 
-# Run from a checkout without installing: make the package importable.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from step_throughput import cpu_model  # noqa: E402  (bench/, the script's own folder)
 
-from introvae_dist.images import to_uint8  # noqa: E402
-from introvae_dist.inference import generated_batches  # noqa: E402
-from introvae_dist.metrics.inception import FIDInceptionV3, load_fid_inception  # noqa: E402
-from introvae_dist.metrics.ms_ssim import ms_ssim  # noqa: E402
-from introvae_dist.models import Generator, table3_widths  # noqa: E402
+from introvae_dist.images import to_uint8
+from introvae_dist.inference import generated_batches
+from introvae_dist.metrics.inception import FIDInceptionV3, load_fid_inception
+from introvae_dist.metrics.ms_ssim import ms_ssim
+from introvae_dist.models import Generator, table3_widths
 
 LATENT_DIM = 256
 MS_SSIM_PX = 128

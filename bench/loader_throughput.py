@@ -50,14 +50,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-# Run from a checkout without installing: make the package importable.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from introvae_dist.data.decode import to_unit_float  # noqa: E402
-from introvae_dist.data.loader import build_train_stream  # noqa: E402
-from introvae_dist.data.shard_set import resolve_shard_set  # noqa: E402
-from introvae_dist.data.shard_writer import write_shards  # noqa: E402
-from introvae_dist.data.synthetic import render_image  # noqa: E402
+from introvae_dist.data.decode import to_unit_float
+from introvae_dist.data.loader import build_train_stream
+from introvae_dist.data.shard_set import resolve_shard_set
+from introvae_dist.data.shard_writer import write_shards
+from introvae_dist.data.synthetic import render_image
 
 SOURCE_PX = 1024
 BATCH = 8

@@ -58,10 +58,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from device import add_device_arguments, require_device  # noqa: E402
+from device import add_device_arguments, require_device
 
 SCRIPT = "bench/memory_1024.py"
 RESOLUTION_PX, LATENT_DIM = 1024, 512

@@ -16,14 +16,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from step_throughput import (  # noqa: E402
+from step_throughput import (
     median_wall_s,
     rounds_for_medians,
     run_rounds,

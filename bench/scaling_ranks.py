@@ -32,8 +32,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RESOLUTION_PX, BATCH_PER_RANK, ZERO_STAGE = 128, 8, 2
 

@@ -23,10 +23,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 # One FLOP count for all benchmarks (bench/ is on sys.path when this runs as a script).
-from step_throughput import count_step_flops_per_image  # noqa: E402
+from step_throughput import count_step_flops_per_image
 
 GPUS_PER_NODE = 8
 GPU_COUNTS = (8, 64, 512)

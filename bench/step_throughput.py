@@ -57,12 +57,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-# Run from a checkout without installing: make the package and bench/'s helpers importable.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from conv_peak import PeakTflops, peak_tflops  # noqa: E402
-from device import (  # noqa: E402
+from conv_peak import PeakTflops, peak_tflops
+from device import (
     CPU,
     add_device_arguments,
     backend_flags,
@@ -78,12 +74,12 @@ from device import (  # noqa: E402
     timed,
 )
 
-from introvae_dist import models, plain_engine  # noqa: E402
-from introvae_dist.algorithm import Engine, StepNoise, StepOrder, train_step  # noqa: E402
-from introvae_dist.config import EngineConfig, ModelConfig  # noqa: E402
-from introvae_dist.distributed import world_from_env  # noqa: E402
-from introvae_dist.losses import LossWeights  # noqa: E402
-from introvae_dist.models import Encoder, Generator, param_dtype  # noqa: E402
+from introvae_dist import models, plain_engine
+from introvae_dist.algorithm import Engine, StepNoise, StepOrder, train_step
+from introvae_dist.config import EngineConfig, ModelConfig
+from introvae_dist.distributed import world_from_env
+from introvae_dist.losses import LossWeights
+from introvae_dist.models import Encoder, Generator, param_dtype
 
 Precision = Literal["bf16", "fp32"]
 #: The encoder's engine and the generator's engine of one variant.

@@ -53,11 +53,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from conv_peak import peak_tflops  # noqa: E402
-from device import (  # noqa: E402
+from conv_peak import peak_tflops
+from device import (
     add_device_arguments,
     backend_flags,
     cpu_share_filters,
@@ -69,7 +66,7 @@ from device import (  # noqa: E402
     require_rank_device,
     set_cudnn_benchmark,
 )
-from step_throughput import (  # noqa: E402
+from step_throughput import (
     FLOP_COUNT_BATCH,
     LATENT_DIM,
     SEED,
@@ -88,9 +85,9 @@ from step_throughput import (  # noqa: E402
     train_step_call,
 )
 
-from introvae_dist.algorithm import StepNoise, StepOrder  # noqa: E402
-from introvae_dist.distributed import world_from_env  # noqa: E402
-from introvae_dist.losses import kl_per_image  # noqa: E402
+from introvae_dist.algorithm import StepNoise, StepOrder
+from introvae_dist.distributed import world_from_env
+from introvae_dist.losses import kl_per_image
 
 SCRIPT = "bench/vs_authors.py"
 SWITCHES = ("bf16", "fp32", "ckpt", "cl", "fused", "shared")

@@ -23,19 +23,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import torch
 
-import torch  # noqa: E402
-
-from introvae_dist import engine  # noqa: E402
-from introvae_dist.algorithm import STEP_ORDERS, StepNoise, train_step  # noqa: E402
-from introvae_dist.config import EngineConfig  # noqa: E402
-from introvae_dist.distributed import world_from_env  # noqa: E402
-from introvae_dist.losses import LossWeights  # noqa: E402
-from introvae_dist.models import Encoder, Generator  # noqa: E402
+from introvae_dist import engine
+from introvae_dist.algorithm import STEP_ORDERS, StepNoise, train_step
+from introvae_dist.config import EngineConfig
+from introvae_dist.distributed import world_from_env
+from introvae_dist.losses import LossWeights
+from introvae_dist.models import Encoder, Generator
 from worker_exit import leave  # noqa: E402  (beside this script)
 
 RES_PX, LATENT, WIDTHS, BATCH_GLOBAL, STEPS = 16, 8, (8, 16), 4, 3
