@@ -17,11 +17,14 @@ from pathlib import Path
 
 import torch
 
-from conftest import image_indices
+# conftest is a test helper module, not a package: beside tests/, one level up from this script.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from introvae_dist.data.loader import build_train_stream
-from introvae_dist.data.shard_set import resolve_shard_set
-from introvae_dist.distributed import world_from_env
+from conftest import image_indices  # noqa: E402
+
+from introvae_dist.data.loader import build_train_stream  # noqa: E402
+from introvae_dist.data.shard_set import resolve_shard_set  # noqa: E402
+from introvae_dist.distributed import world_from_env  # noqa: E402
 
 
 def main() -> None:
