@@ -8,6 +8,7 @@
     introvae-dist reconstruct SOURCE IMAGES... --out FILE.png # input | reconstruction pairs
     introvae-dist interpolate SOURCE A B [C...] --out FILE.png  # latent strips as the paper's Fig. 6
     introvae-dist evaluate SOURCE --real SHARDS [--heldout SHARDS]  # FID, MS-SSIM, RMSE/PSNR -> eval.jsonl
+    introvae-dist plot RUN [--out FILE.png]                   # training curves as the paper's Fig. 5
 
 SOURCE is an exported weights file, a checkpoint step folder or a run folder (its newest
 complete checkpoint); docs/EVALUATION.md has the protocols. ``sample`` and ``evaluate`` split
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reconstruct_command(commands)
     _add_interpolate_command(commands)
     _add_evaluate_command(commands)
+    _add_plot_command(commands)
     return parser
 
 
@@ -584,6 +586,41 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             print(f"{evaluation.summary(record)}; appended to {out}")
     finally:
         workers.close()
+    return EXIT_OK
+
+
+# --- introvae-dist plot ----------------------------------------------------------------------
+
+def _add_plot_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "plot", help="draw a run's training curves as the paper's Fig. 5 (a PNG)",
+        description="Draw RUN/metrics.jsonl as the paper's Fig. 5: the KL of real images, reconstructions and "
+        "samples as E sees them (its update, Eq. 11) and as G sees them (Eq. 12) against the margin m, and L_AE, "
+        "with the VAE warm-up shaded; each curve a moving average, its raw values faint behind. Healthy: KL real "
+        "settles below m while the KL of reconstructions and samples hovers around it (Theorem 1). The trainer "
+        "keeps RUN/curves.png up to date at every sample grid; this draws it at any time, also for a finished run.",
+    )
+    parser.set_defaults(run=_run_plot)
+    parser.add_argument("run_dir", type=Path, metavar="RUN", help="a run folder holding metrics.jsonl (runs/NAME)")
+    parser.add_argument("--out", type=Path, metavar="FILE", help="the PNG to write (default: RUN/curves.png)")
+    parser.add_argument("--smoothing-steps", type=_positive_int, metavar="N",
+                        help="moving-average window in steps; 1: raw values (default: about 1/50 of the run's "
+                        "steps, at least 1)")
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from introvae_dist.plot import CURVES_NAME, PlotError, render_curves  # imports matplotlib
+
+    out = args.out or args.run_dir / CURVES_NAME
+    try:
+        render_curves(args.run_dir, out, args.smoothing_steps)
+    except PlotError as exc:
+        _say("error", str(exc))
+        return EXIT_BAD_INPUT
+    except OSError as exc:
+        _say("error", f"writing {out} failed ({exc.strerror or exc}); nothing was written")
+        return EXIT_FAILED
+    print(f"{out}: training curves of {args.run_dir}")
     return EXIT_OK
 
 

@@ -203,6 +203,10 @@ class TrainConfig:
     #: an engine runs bf16, NCHW for fp32 on a CPU (precision.choose_channels_last); resolved
     #: before training, as precision is. Same results up to summation order.
     channels_last: bool | Literal["auto"] = "auto"
+    #: Also write TensorBoard event files into RUN/tensorboard/ on rank 0 (view them with
+    #: `tensorboard --logdir runs`): metrics.jsonl's figures, the sample grids and this config.
+    #: metrics.jsonl is written either way.
+    tensorboard: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
