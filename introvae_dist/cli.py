@@ -27,6 +27,7 @@ Ctrl-C (this run's ``.tmp`` files removed, finished shards kept).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -314,6 +315,13 @@ def _add_model_arguments(parser: argparse.ArgumentParser, batch: int) -> None:
                      help="images per forward pass on each rank (default: %(default)s)")
     run.add_argument("--device", metavar="DEVICE",
                      help="torch device, e.g. cpu or cuda:1 (default: this rank's GPU if there is one, else cpu)")
+    parser.add_argument("--raw-weights", action="store_true",
+                        help="use the networks' own weights, not their moving average (ema.*), which is the "
+                             "default where the source has one")
+
+
+def _weights_choice(args: argparse.Namespace) -> str:
+    return "raw" if args.raw_weights else "ema"
 
 
 def _run_with_models(args: argparse.Namespace, body: Callable[[argparse.Namespace], int]) -> int:
@@ -354,6 +362,8 @@ def _add_sample_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("-n", "--num-images", type=_positive_int, default=64, metavar="N",
                         help="images 0..N-1 of the seed (default: %(default)s)")
     parser.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0, help="(default: %(default)s)")
+    parser.add_argument("--temperature", type=_positive_float, default=1.0, metavar="T",
+                        help="decode z ~ N(0, T^2 I): below 1, more typical and less varied samples (default: %(default)s)")
     out = parser.add_mutually_exclusive_group(required=True)
     out.add_argument("--out", type=Path, metavar="DIR", help="write DIR/sample_NNNNNNNN.png, one PNG per image")
     out.add_argument("--grid", type=Path, metavar="FILE", help="write one PNG grid of all N images")
@@ -384,8 +394,8 @@ def _run_sample(args: argparse.Namespace) -> int:
         raise ShardInputError(f"--name must match {SHARD_NAME_PATTERN.pattern}, got {args.name!r}")
     workers = Workers.from_env(args.device)
     try:
-        models = load_models(source, workers.device)
-        job = sampling.SampleJob(models.generator, args.num_images, args.seed, args.batch, workers)
+        models = load_models(source, workers.device, _weights_choice(args))
+        job = sampling.SampleJob(models.generator, args.num_images, args.seed, args.batch, workers, args.temperature)
         if args.grid is not None:
             columns = args.grid_columns or math.ceil(math.sqrt(args.num_images))
             sampling.write_grid(job, args.grid, columns)
@@ -397,7 +407,8 @@ def _run_sample(args: argparse.Namespace) -> int:
             shards = sampling.write_shards(job, args.shards, args.name, args.samples_per_shard, source)
             written = f"{args.shards}: {args.num_images} samples in {shards} shard(s) and manifest.json"
         if workers.is_main:
-            print(f"{written} (seed {args.seed}, {workers.world.world_size} rank(s)) from {source.describe()}")
+            print(f"{written} (seed {args.seed}, {workers.world.world_size} rank(s)) from {source.describe()}, "
+                  f"{models.weights()}" + (f", temperature {args.temperature:g}" if args.temperature != 1 else ""))
     finally:
         workers.close()
     return EXIT_OK
@@ -436,7 +447,7 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
     k = 2 * args.pairs_per_row
     save_grid([pairs[i:i + k] for i in range(0, pairs.shape[0], k)], args.out)
     how = f"stochastic, seed {args.seed}" if args.stochastic else "from mu"
-    print(f"{args.out}: {images.shape[0]} input | reconstruction ({how}) pairs from {models.source.describe()}")
+    print(f"{args.out}: {images.shape[0]} input | reconstruction ({how}) pairs from {models.source.describe()}, {models.weights()}")
     return EXIT_OK
 
 
@@ -456,7 +467,7 @@ def _models_and_images(args: argparse.Namespace, limit: int | None):  # -> (Mode
     source = find_source(args.source)
     images, labels = read_image_inputs(args.inputs, source.model.resolution_px, limit)
     device = args.device or _default_device()
-    return load_models(source, device), images, labels, device
+    return load_models(source, device, _weights_choice(args)), images, labels, device
 
 
 def _interleave(a: "torch.Tensor", b: "torch.Tensor") -> "torch.Tensor":  # noqa: F821 (torch imported lazily)
@@ -497,7 +508,7 @@ def _run_interpolate(args: argparse.Namespace) -> int:
     strips = interpolation_strips(models, images, args.steps, args.mode, device, args.batch)
     save_grid(strips, args.out)
     print(f"{args.out}: {len(strips)} strip(s) of {args.steps} {args.mode} steps between {images.shape[0]} images "
-          f"from {models.source.describe()}")
+          f"from {models.source.describe()}, {models.weights()}")
     return EXIT_OK
 
 
@@ -577,13 +588,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             if features.id != STANDARD_ID and workers.is_main:
                 _say("warning", f"{features.id}: not the standard FID Inception weights; these FIDs are not "
                                 "comparable with published ones")
-        models = load_models(source, workers.device)
+        models = load_models(source, workers.device, _weights_choice(args))
         figures = evaluation.evaluate(models.encoder, models.generator, plan, workers, features)
         if workers.is_main and figures is not None:
             record = {"source": str(source.path), "step": source.step, "images_seen": source.images_seen,
-                      "resolution_px": source.model.resolution_px, **figures, "time": time.time()}
+                      "resolution_px": source.model.resolution_px, "weights": models.weights(), **figures,
+                      "time": time.time()}
             evaluation.append_record(out, record)
-            print(f"{evaluation.summary(record)}; appended to {out}")
+            print(f"{evaluation.summary(record)} ({models.weights()}); appended to {out}")
     finally:
         workers.close()
     return EXIT_OK
@@ -637,6 +649,16 @@ def _positive_int(text: str) -> int:
         value = 0
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
     return value
 
 

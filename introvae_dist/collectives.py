@@ -84,6 +84,15 @@ def broadcast_tensor_(tensor: torch.Tensor) -> None:
     tensor.copy_(staged)
 
 
+def all_gather_flat(part: torch.Tensor) -> torch.Tensor:
+    """Every rank's equal-sized 1-D ``part`` laid end to end in rank order, on every rank, on
+    ``part``'s device (as ZeRO-3 reassembles a partitioned weight)."""
+    on_backend = part.detach().to(backend_device()).contiguous()
+    out = torch.empty(on_backend.numel() * dist.get_world_size(), dtype=on_backend.dtype, device=on_backend.device)
+    dist.all_gather_into_tensor(out, on_backend)
+    return out.to(part.device)
+
+
 def gather_object(value: Any) -> list[Any]:
     """Every rank's picklable ``value``, in rank order, on every rank."""
     gathered: list[Any] = [None] * dist.get_world_size()

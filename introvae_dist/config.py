@@ -74,7 +74,14 @@ class LossConfig:
 
     alpha: float = 0.25
     beta: float = 0.5
-    margin: float = 110.0
+    #: m of Eq. 11, or "auto": margin_factor x the mean KL(real) of the warm-up's last
+    #: margin_window_images images (Appendix D: "a little larger than the training
+    #: kl-divergence value of VAEs"; introvae_dist/margin.py). "auto" needs a warm-up.
+    margin: float | Literal["auto"] = 110.0
+    #: With margin "auto": the factor over the warm-up's KL(real) (docs/TRAINING.md, measured).
+    margin_factor: float = 1.25
+    #: With margin "auto": the warm-up images whose KL(real) is averaged (the last ones).
+    margin_window_images: int = 4096
     #: 0.5 as in Eq. 10; 1.0 reproduces the authors' code.
     l_ae_factor: float = 0.5
     #: Images trained as a plain VAE (alpha = 0) before the adversarial phase (Sec. 4.1).
@@ -85,9 +92,19 @@ class LossConfig:
 
     def validate(self) -> None:
         _check_finite(self, "loss")
-        for name in ("alpha", "beta", "margin", "warmup_images"):
+        for name in ("alpha", "beta", "warmup_images"):
             _at_least_zero(f"loss.{name}", getattr(self, name))
+        if self.margin != "auto":
+            _at_least_zero("loss.margin", self.margin, "or 'auto'")
+        _positive("loss.margin_factor", self.margin_factor)
+        _positive("loss.margin_window_images", self.margin_window_images)
         _positive("loss.l_ae_factor", self.l_ae_factor)
+        if self.margin == "auto" and self.warmup_images <= 0:
+            raise ConfigError("loss.margin=auto chooses m from the VAE warm-up's KL(real), but loss.warmup_images="
+                              f"{self.warmup_images}: set loss.warmup_images > 0 (Sec. 4.1) or give loss.margin a value")
+        if self.margin == "auto" and self.margin_window_images > self.warmup_images:
+            raise ConfigError(f"loss.margin_window_images={self.margin_window_images} is more than loss.warmup_images="
+                              f"{self.warmup_images}: the window is the warm-up's last images; make it at most that")
 
 
 @dataclass
@@ -264,6 +281,34 @@ class EvalConfig:
 
 
 @dataclass
+class EmaConfig:
+    """The moving average of the weights used for samples, metrics and export (introvae_dist.ema;
+    StyleGAN2-ADA's G_ema)."""
+
+    #: Images over which a weight's share of the average halves (StyleGAN's ema_kimg x 1000);
+    #: 0 turns the EMA off. 10,000 is StyleGAN2-ADA's value at its batch of 32 (ema_kimg =
+    #: batch x 10 / 32): a third of a CelebA-HQ epoch, 0.3% of LSUN Bedroom's.
+    half_life_images: float = 10_000.0
+    #: While shorter, the half-life is this share of the images seen so far (StyleGAN's
+    #: ema_rampup), so the start of training is forgotten fast; 0: no ramp-up.
+    rampup: float = 0.05
+    #: Also average E's weights (reconstructions); G's always are when the EMA is on.
+    encoder: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def enabled(self) -> bool:
+        return self.half_life_images > 0
+
+    def validate(self) -> None:
+        _check_finite(self, "ema")
+        _at_least_zero("ema.half_life_images", self.half_life_images, "0 turns the EMA off")
+        _at_least_zero("ema.rampup", self.rampup, "0: no ramp-up")
+
+
+@dataclass
 class RunConfig:
     """Where outputs land (the run folder ROOT/NAME), where training resumes from, and how
     long a rank waits for the others before giving up."""
@@ -299,6 +344,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
@@ -314,6 +360,7 @@ class Config:
         self.data.validate()
         self.train.validate()
         self.eval.validate()
+        self.ema.validate()
         self.run.validate()
 
 

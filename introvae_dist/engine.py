@@ -206,6 +206,45 @@ def full_fp32_params(engine: DeepSpeedEngine) -> dict[str, torch.Tensor]:
     return out
 
 
+# -- weights as this rank holds them (the EMA's view, introvae_dist.ema) ----------------------------
+
+
+def local_weights(engine: DeepSpeedEngine) -> dict[str, torch.Tensor]:
+    """Each weight of the engine's module as this rank holds it, in the engine's dtype, without
+    a copy or a collective: the whole weight under ZeRO 0-2, this rank's flat partition under
+    ZeRO-3 (``ds_tensor``: elements ``[rank * n, (rank + 1) * n)`` of the flattened weight,
+    zero-padded at the end; deepspeed 0.19.8, partition_parameters._partition_param)."""
+    return {name: (p.ds_tensor if hasattr(p, "ds_tensor") else p).detach()
+            for name, p in engine.module.named_parameters()}
+
+
+def full_from_local(engine: DeepSpeedEngine, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole tensors from per-rank views shaped like :func:`local_weights` (a collective under
+    ZeRO-3: every rank must call this), on the CPU."""
+    out = {}
+    for name, p in engine.module.named_parameters():
+        part = local[name]
+        if hasattr(p, "ds_tensor"):
+            part = collectives.all_gather_flat(part)[:p.ds_numel].view(p.ds_shape)
+        out[name] = part.cpu().clone()
+    return out
+
+
+def local_from_full(engine: DeepSpeedEngine, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's view (:func:`local_weights`) of whole tensors, on the module's device."""
+    out = {}
+    for name, p in engine.module.named_parameters():
+        whole = full[name].to(engine.device)
+        if hasattr(p, "ds_tensor"):
+            n, start = p.ds_tensor.numel(), p.ds_tensor.numel() * collectives.rank()
+            flat = torch.zeros(n, dtype=whole.dtype, device=whole.device)
+            mine = whole.reshape(-1)[start:start + n]
+            flat[:mine.numel()] = mine
+            whole = flat
+        out[name] = whole
+    return out
+
+
 def save_engine(engine: DeepSpeedEngine, folder: Path, tag: str, client_state: dict[str, Any]) -> None:
     """Save one engine's sharded checkpoint (every rank must call this)."""
     engine.save_checkpoint(str(folder), tag=tag, client_state=client_state)

@@ -409,9 +409,10 @@ class TrainingEvaluator:
         )
         self.features = load_inception(section.inception, device) if "fid" in self.plan.metrics else None
 
-    def run(self, encoder: nn.Module, generator: nn.Module, step: int, images_seen: int, workers: Workers) -> dict[str, Any] | None:
-        """Evaluate the networks as they are (every rank calls this); rank 0 appends the figures
-        to ``RUN/eval.jsonl`` and returns them."""
+    def run(self, encoder: nn.Module, generator: nn.Module, step: int, images_seen: int, workers: Workers,
+            weights: str = "raw weights") -> dict[str, Any] | None:
+        """Evaluate the networks as they are (every rank calls this); rank 0 appends the figures,
+        with ``weights`` saying which they are, to ``RUN/eval.jsonl`` and returns them."""
         if self.features is not None and isinstance(self.features.extract, nn.Module):
             self.features.extract.to(workers.device)
         modes = [(net, net.training) for net in (encoder, generator)]
@@ -432,7 +433,7 @@ class TrainingEvaluator:
             for net, was_training in modes:
                 net.train(was_training)
         if record is not None:
-            record = {"step": step, "images_seen": images_seen, **record, "time": time.time()}
+            record = {"step": step, "images_seen": images_seen, "weights": weights, **record, "time": time.time()}
             append_record(self.run_dir / EVAL_LOG_NAME, record)
         return record
 

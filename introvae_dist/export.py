@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from introvae_dist.checkpointing.layout import (
+    EMA_NAME,
     ENGINE_DIRS,
     ENGINE_TAG,
     LEGACY_COMPLETE_NAME,
@@ -49,7 +50,10 @@ from introvae_dist.weights import (
     META_SHA256,
     META_MODEL,
     META_STEP,
+    EMA_PREFIXES,
+    META_EMA,
     PREFIXES,
+    ema_to_json,
     exported_model,
     model_to_json,
     tensors_sha256,
@@ -107,8 +111,12 @@ def export_checkpoint(step_folder: Path, out: Path, *, overwrite: bool = False) 
     tmp = _reserve_temp(out)
     try:
         tensors: dict[str, torch.Tensor] = {}
-        for net_name, net_state in consolidated_networks(step_folder, model).items():
+        raw = consolidated_networks(step_folder, model)
+        for net_name, net_state in raw.items():
             tensors.update({PREFIXES[net_name] + name: _fp32_copy(t) for name, t in net_state.items()})
+        averaged = ema_networks(step_folder, raw)
+        for net_name, net_state in averaged.items():
+            tensors.update({EMA_PREFIXES[net_name] + name: _fp32_copy(t) for name, t in net_state.items()})
         metadata = {
             META_FORMAT: FORMAT,
             META_MODEL: model_to_json(model),
@@ -116,6 +124,8 @@ def export_checkpoint(step_folder: Path, out: Path, *, overwrite: bool = False) 
             META_IMAGES_SEEN: str(state["images_seen"]),
             META_SHA256: tensors_sha256(tensors),
         }
+        if averaged:
+            metadata[META_EMA] = ema_to_json(tuple(averaged), state["ema"] or {})
         from safetensors.torch import save
 
         data = save(tensors, metadata=metadata)  # not save_file: it creates files with mode 0600
@@ -146,11 +156,13 @@ def read_checkpoint(step_folder: Path) -> dict[str, Any]:
     try:
         state = json.loads(state_path.read_text())
         step, images_seen, model_section = int(state["step"]), int(state["images_seen"]), state["config"]["model"]
+        ema_section = state["config"].get("ema")
     except FileNotFoundError:
         raise ExportError(f"{state_path}: missing; the checkpoint is damaged") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ExportError(f"{state_path}: unreadable or without step/images_seen/config.model ({e!r})") from None
-    return {"step": step, "images_seen": images_seen, "model": _model_config(model_section, state_path)}
+    return {"step": step, "images_seen": images_seen, "model": _model_config(model_section, state_path),
+            "ema": ema_section}
 
 
 def consolidated_networks(step_folder: Path, model: ModelConfig) -> dict[str, dict[str, torch.Tensor]]:
@@ -163,6 +175,29 @@ def consolidated_networks(step_folder: Path, model: ModelConfig) -> dict[str, di
         _check_fits(net_state, expected, step_folder / net_name / ENGINE_TAG, net_name)
         networks[net_name] = net_state
     return networks
+
+
+def ema_networks(step_folder: Path, raw: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    """Each averaged network's whole state dict: the moving average's weights (``ema.pt``,
+    introvae_dist.ema) with the buffers of ``raw`` (:func:`consolidated_networks`), as the EMA
+    networks of training use the live buffers; {} for a checkpoint without ``ema.pt``."""
+    path = step_folder / EMA_NAME
+    if not path.is_file():
+        return {}
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged file: torch raises several kinds
+        raise ExportError(f"{path}: cannot read the moving average ({type(e).__name__}: {e})") from None
+    out = {}
+    for net in ENGINE_DIRS:
+        if net not in saved:
+            continue
+        weights = saved[net]
+        bad = [k for k, v in weights.items() if k not in raw[net] or raw[net][k].shape != v.shape]
+        if bad or not weights:
+            raise ExportError(f"{path}: the {net} average does not fit the network: {', '.join(bad[:5]) or 'empty'}")
+        out[net] = {**raw[net], **weights}
+    return out
 
 
 def consolidate(net_folder: Path) -> dict[str, torch.Tensor]:

@@ -34,7 +34,7 @@ from torch import nn
 from introvae_dist.checkpointing.layout import CHECKPOINTS_DIR, survey
 from introvae_dist.config import ModelConfig
 from introvae_dist.models import Encoder, Generator, build_networks, param_dtype
-from introvae_dist.weights import WeightsError, load_exported, read_info
+from introvae_dist.weights import WeightsChoice, WeightsError, load_exported, read_info
 
 #: Random streams drawn per image, so a latent and a reparameterisation noise never coincide.
 LATENT_STREAM, NOISE_STREAM = 0, 1
@@ -73,6 +73,14 @@ class Models:
     encoder: Encoder
     generator: Generator
     source: ModelSource
+    #: The networks loaded with their moving average's weights; the others are raw.
+    averaged: tuple[str, ...] = ()
+
+    def weights(self) -> str:
+        """Which weights are loaded, for the commands' output."""
+        if not self.averaged:
+            return "raw weights"
+        return "EMA weights" + ("" if len(self.averaged) == 2 else f" of the {self.averaged[0]}, raw of the other")
 
     @property
     def model(self) -> ModelConfig:
@@ -108,27 +116,32 @@ def find_source(path: str | Path) -> ModelSource:
     return ModelSource(given, "checkpoint", step_folder, state["model"], state["step"], state["images_seen"], run_dir)
 
 
-def load_models(source: ModelSource | str | Path, device: str | torch.device = "cpu") -> Models:
-    """E and G of ``source`` (see :func:`find_source`), fp32, eval mode, on ``device``."""
+def load_models(source: ModelSource | str | Path, device: str | torch.device = "cpu",
+                weights: WeightsChoice = "ema") -> Models:
+    """E and G of ``source`` (see :func:`find_source`), fp32, eval mode, on ``device``: each
+    network's moving average where the source has one (``weights="ema"``), else its raw weights."""
     if not isinstance(source, ModelSource):
         source = find_source(source)
     if source.kind == "weights":
         try:
-            encoder, generator, _ = load_exported(source.path, device)
+            encoder, generator, _ = load_exported(source.path, device, weights)
+            averaged = read_info(source.path).ema_networks if weights == "ema" else ()
         except WeightsError as e:
             raise ModelSourceError(str(e)) from None
-        return Models(encoder, generator, source)
-    from introvae_dist.export import ExportError, consolidated_networks
+        return Models(encoder, generator, source, averaged)
+    from introvae_dist.export import ExportError, consolidated_networks, ema_networks
 
     try:
         states = consolidated_networks(source.path, source.model)
+        averaged_states = ema_networks(source.path, states) if weights == "ema" else {}
+        states = {**states, **averaged_states}
     except ExportError as e:
         raise ModelSourceError(str(e)) from None
     encoder, generator = build_networks(source.model)
     for net, state in ((encoder, states["encoder"]), (generator, states["generator"])):
         net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
         net.to(device=device, dtype=torch.float32).eval()
-    return Models(encoder, generator, source)
+    return Models(encoder, generator, source, tuple(averaged_states))
 
 
 def _step_folder(folder: Path) -> Path:
@@ -175,16 +188,17 @@ def encode_mu(encoder: nn.Module, images: torch.Tensor, device: torch.device | s
 
 
 def generated_batches(generator: Generator, start: int, stop: int, seed: int, batch: int,
-                      device: torch.device | str) -> Iterator[tuple[int, torch.Tensor]]:
+                      device: torch.device | str, temperature: float = 1.0) -> Iterator[tuple[int, torch.Tensor]]:
     """Images ``[start, stop)`` of ``seed`` in order, as ``(index of the first, float (n, 3, R, R)
-    in [0, 1] on the CPU)`` per batch.
+    in [0, 1] on the CPU)`` per batch, decoded from z_p ~ N(0, temperature^2 I) (1: the prior
+    of Sec. 3; below 1 trades diversity for typical samples).
 
     Every image is computed inside its aligned batch ``[kB, (k+1)B)`` (the whole batch is
     decoded even where the range covers part of it), so its pixels do not depend on the range
     asked for; see the module docstring.
     """
     for chunk in range(start // batch * batch, stop, batch):
-        z = latents(seed, range(chunk, chunk + batch), generator.latent_dim)
+        z = latents(seed, range(chunk, chunk + batch), generator.latent_dim) * temperature
         images = decode(generator, z, device)
         first, last = max(start, chunk), min(stop, chunk + batch)
         yield first, images[first - chunk:last - chunk]

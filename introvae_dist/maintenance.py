@@ -10,18 +10,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from introvae_dist import collectives
 from introvae_dist.algorithm import METRIC_NAMES
 from introvae_dist.checkpointing.checkpointer import Checkpointer
-from introvae_dist.config import Config
+from introvae_dist.config import Config, dump_config
 from introvae_dist.data.loader import TrainStream, describe_epoch, read_fixed_images
 from introvae_dist.distributed import World
+from introvae_dist.ema import TrainingEMA
+from introvae_dist.health import TrainingHealth
 from introvae_dist.images import save_grid
+from introvae_dist.margin import Margin
 from introvae_dist.models import param_dtype
+from introvae_dist.plot import render_curves
 from introvae_dist.progress import Phase, Progress
 from introvae_dist.run_log import METRICS_NAME, RunLog
 from introvae_dist.run_plan import Plan
+from introvae_dist.tensorboard_log import TensorBoardLog
 
 
 class NonFiniteLoss(RuntimeError):
@@ -52,9 +58,10 @@ class Maintenance:
     the evaluation and the save are collective); rank 0 alone writes the log and the grids."""
 
     def __init__(self, cfg: Config, world: World, plan: Plan, checkpointer: Checkpointer, evaluator: Any,
-                 encoder: Any, generator: Any) -> None:
+                 encoder: Any, generator: Any, ema: TrainingEMA | None, margin: Margin) -> None:
         self.cfg, self.world, self.checkpointer, self.evaluator = cfg, world, checkpointer, evaluator
-        self.enc, self.gen = encoder, generator  # the engines; their modules run the grids
+        self.margin, self.health = margin, TrainingHealth()
+        self.enc, self.gen, self.ema = encoder, generator, ema  # the engines, and their weights' average
         self.run_dir = plan.resume.run_dir
         self.grid_real, self.grid_z = self._fixed_grid_inputs(plan)
         self.log: RunLog | None = None
@@ -64,6 +71,9 @@ class Maintenance:
     def open_log(self, progress: Progress, stream: TrainStream) -> RunLog:
         t = self.cfg.train
         self.log = RunLog(self.run_dir / METRICS_NAME, t.total_steps, progress.step, self.world.is_main)
+        # Rank 0's TensorBoard events; a resume hides those after the resumed step, as the log is cut back.
+        self.tb = TensorBoardLog(self.run_dir, progress.step, enabled=t.tensorboard and self.world.is_main)
+        self.tb.text("config", dump_config(self.cfg), progress.step)
         self.log.message(f"run folder: {self.run_dir}")
         self.log.message(describe_epoch(stream.spec, stream.epoch))
         if progress.step >= t.total_steps:
@@ -74,6 +84,7 @@ class Maintenance:
     def close(self) -> None:
         if self.log is not None:
             self.log.close()
+            self.tb.close()
 
     # -- one step's end -------------------------------------------------------------------------
 
@@ -85,10 +96,18 @@ class Maintenance:
         t, step = self.cfg.train, progress.step
         record, agreed = reduce_over_ranks(figures, stream.stats(), self.checkpointer.local_flags(), self.world)
         self._stop_if_non_finite(record, step)
-        record.update(step=step, images_seen=progress.images_seen, epoch=stream.epoch, phase=phase)
+        margin = self.margin.value  # the m this step used (None: not chosen yet, inside the warm-up)
+        record.update(step=step, images_seen=progress.images_seen, epoch=stream.epoch, phase=phase,
+                      margin=self.margin.chosen)
         images_per_s = self.log.step(record, t.batch_global)
+        self.tb.scalars({**record, "images_per_s": images_per_s}, step)
         if step % t.log_every_steps == 0:
             self.log.message(summary_line(record, images_per_s))
+        chosen = self.margin.observe(progress.images_seen - t.batch_global, record["kl_real"])
+        if chosen:
+            self.log.message(f"step {step}: {chosen}")
+        for warning in self.health.check(step, record, margin):
+            self.log.message(warning)
         if step % t.sample_every_steps == 0 or step == t.total_steps:
             self.write_grid(step)
         if self.evaluator is not None and step % self.cfg.eval.every_steps == 0:
@@ -117,10 +136,17 @@ class Maintenance:
         z = torch.randn(n, self.cfg.model.latent_dim, generator=torch.Generator().manual_seed(self.cfg.train.seed))
         return real.to(device), z.to(device)
 
+    def networks(self) -> tuple[nn.Module, nn.Module]:
+        """E and G for grids and evaluation: the EMA's where there is one (built afresh, fp32,
+        eval mode; a collective under ZeRO-3), else the live modules."""
+        ema = self.ema.networks(self.cfg.model, self.enc.device) if self.ema is not None else {}
+        return ema.get("encoder", self.enc.module), ema.get("generator", self.gen.module)
+
     @torch.no_grad()
     def write_grid(self, step: int) -> Path:
-        """PNG of rows real | reconstruction (from mu) | sample, at eval-mode BatchNorm."""
-        enc, gen = self.enc.module, self.gen.module
+        """PNG of rows real | reconstruction (from mu) | sample, at eval-mode BatchNorm, through
+        the EMA weights where ema is on."""
+        enc, gen = self.networks()
         enc.eval(), gen.eval()
         try:
             mu, _ = enc(self.grid_real.to(param_dtype(enc)))
@@ -131,6 +157,8 @@ class Maintenance:
         path = self.run_dir / "samples" / f"step_{step:08d}.png"
         if self.world.is_main:
             save_grid([self.grid_real, rec, sample], path, min_cell_px=self.cfg.train.grid_cell_px)
+            self.tb.image("samples", path, step)
+            render_curves(self.run_dir)  # RUN/curves.png: Fig. 5 of this run so far (metrics.jsonl is line-buffered)
         return path
 
     # -- evaluation during training (eval.every_steps; introvae_dist.evaluation) -----------------
@@ -142,10 +170,14 @@ class Maintenance:
         from introvae_dist.run_log import EVAL_LOG_NAME
 
         assert self.log is not None
-        record = self.evaluator.run(self.enc.module, self.gen.module, progress.step, progress.images_seen,
-                                    Workers(self.world, self.enc.device))
+        enc, gen = self.networks()
+        weights = ("raw weights" if self.ema is None else
+                   "EMA weights" if len(self.ema.engines) == 2 else "EMA weights of the generator, raw of the other")
+        record = self.evaluator.run(enc, gen, progress.step, progress.images_seen, Workers(self.world, self.enc.device),
+                                    weights)
         if record is not None:
             self.log.message(f"step {progress.step}: eval {summary(record)} (in {EVAL_LOG_NAME})")
+            self.tb.eval_scalars(record, progress.step)
 
 
 def summary_line(record: dict[str, Any], images_per_s: float) -> str:

@@ -37,10 +37,13 @@ class SampleJob:
     seed: int
     batch: int
     workers: Workers
+    #: z_p ~ N(0, temperature^2 I) (inference.generated_batches).
+    temperature: float = 1.0
 
     def batches(self, start: int, stop: int) -> Iterator[tuple[int, torch.Tensor]]:
         """Images ``[start, stop)`` as (index of the first, uint8 (n, 3, R, R)) per batch."""
-        for first, images in generated_batches(self.generator, start, stop, self.seed, self.batch, self.workers.device):
+        for first, images in generated_batches(self.generator, start, stop, self.seed, self.batch, self.workers.device,
+                                              self.temperature):
             yield first, to_uint8(images)
 
     def own_batches(self) -> Iterator[tuple[int, torch.Tensor]]:

@@ -65,6 +65,10 @@ def markdown_code_block(text: str) -> str:
     return f"{fence}\n{text.rstrip(chr(10))}\n{fence}"
 
 
+#: The longest side of a grid as TensorBoard stores it (the PNG in RUN/samples/ is full size).
+MAX_IMAGE_SIDE_PX = 2048
+
+
 class TensorBoardLog:
     """Event files in ``run_dir/tensorboard/``. Constructed on rank 0 only, or with
     ``enabled=False`` (then every method does nothing and no folder is made)."""
@@ -100,14 +104,20 @@ class TensorBoardLog:
         for name, value in numeric_fields(record).items():
             self._writer.add_scalar(f"eval/{name}", value, global_step=step)
 
-    def image(self, tag: str, png_path: Path, step: int) -> None:
-        """A PNG (a sample grid) as an image at ``step``."""
+    def image(self, tag: str, png_path: Path, step: int, max_side_px: int = MAX_IMAGE_SIDE_PX) -> None:
+        """A PNG (a sample grid) as an image at ``step``, shrunk to at most ``max_side_px`` on
+        its longer side: a 1024 px run's grid is 8192 px wide, tens of MB per event otherwise;
+        the full grid stays in RUN/samples/."""
         if self._writer is None:
             return
         from PIL import Image
 
         with Image.open(png_path) as png:
-            pixels = np.asarray(png.convert("RGB"))  # (H, W, 3) uint8
+            image = png.convert("RGB")
+            if max(image.size) > max_side_px:
+                scale = max_side_px / max(image.size)
+                image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BOX)
+            pixels = np.asarray(image)  # (H, W, 3) uint8
         self._writer.add_image(tag, pixels, global_step=step, dataformats="HWC")
 
     def text(self, tag: str, text: str, step: int = 0) -> None:

@@ -19,8 +19,10 @@ from introvae_dist.config import Config, ConfigError, config_to_dict
 from introvae_dist.data.decode import to_unit_float
 from introvae_dist.data.loader import TrainStream, derive_seed
 from introvae_dist.distributed import World, cpu_threads_per_rank
+from introvae_dist.ema import TrainingEMA
 from introvae_dist.losses import LossWeights
 from introvae_dist.maintenance import Maintenance
+from introvae_dist.margin import Margin
 from introvae_dist.models import build_networks
 from introvae_dist.progress import Progress
 from introvae_dist.run_folder import prepare_run_dir
@@ -46,8 +48,11 @@ class Trainer:
         self.checkpointer = Checkpointer(plan.resume, cfg.train, world, config_to_dict(cfg))
         resumed = self.checkpointer.start()
         self.progress = Progress(cfg.loss.warmup_images)
+        self.margin = Margin(cfg.loss, cfg.train.batch_global)
         if resumed is not None:
             self.progress.load_state_dict(resumed.state)
+            self.margin.load_state_dict(resumed.state.get("margin"))
+            self.margin.require_chosen_after_warmup(self.progress.images_seen)
         if world.is_main:
             prepare_run_dir(cfg, plan, resumed)
         collectives.barrier()
@@ -57,12 +62,14 @@ class Trainer:
         # Per-rank noise stream: eps and z_p differ across ranks like the data does.
         self.noise_rng = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + world.rank)
         self.batches = TrainStream(stream_spec(cfg, world, plan))
+        self.ema = self._build_ema()
         self.checkpointer.attach(self.enc, self.gen, self.batches,
                                  RankLocal(self.noise_rng, {"encoder": self.enc.module, "generator": self.gen.module}),
-                                 self.progress.state_dict)
+                                 self._trainer_state, self.ema)
         if resumed is not None:
             self._restore(resumed)
-        self.maintenance = Maintenance(cfg, world, plan, self.checkpointer, evaluator, self.enc, self.gen)
+        self.maintenance = Maintenance(cfg, world, plan, self.checkpointer, evaluator, self.enc, self.gen, self.ema,
+                                       self.margin)
 
     def _build_engines(self, universal: bool) -> tuple[Any, Any]:
         """E and G, the same initial weights on every rank, each in its DeepSpeed engine."""
@@ -79,6 +86,18 @@ class Trainer:
         batch, ranks = self.plan.batch_per_rank, self.world.world_size
         return (engine.build_engine(encoder, cfg.encoder, batch, ranks, universal),
                 engine.build_engine(generator, cfg.generator, batch, ranks, universal))
+
+    def _trainer_state(self) -> dict[str, Any]:
+        """What trainer_state.json holds of the run's progress: steps, images, phase, and m."""
+        return {**self.progress.state_dict(), "margin": self.margin.state_dict()}
+
+    def _build_ema(self) -> TrainingEMA | None:
+        """The weights' moving average (ema.*): of G, and of E unless ema.encoder is false."""
+        e = self.cfg.ema
+        if not e.enabled:
+            return None
+        engines = {"encoder": self.enc, "generator": self.gen} if e.encoder else {"generator": self.gen}
+        return TrainingEMA(e, self.cfg.train.batch_global, engines)
 
     def _restore(self, resumed: ResumePoint) -> None:
         """Both engines and this rank's RNGs, buffers and stream position (Checkpointer.restore);
@@ -105,8 +124,10 @@ class Trainer:
         try:
             with self.checkpointer.stop_signals:
                 while self.progress.step < self.cfg.train.total_steps:
-                    phase = self.progress.phase
+                    phase, images_before = self.progress.phase, self.progress.images_seen
                     figures = self.train_on(next(self.batches), phase)
+                    if self.ema is not None:
+                        self.ema.update(images_before)  # StyleGAN's ramp-up counts the images before the step
                     self.progress.advance(self.cfg.train.batch_global)
                     stopped = self.maintenance.after_step(figures, phase, self.progress, self.batches)
                     if stopped:
@@ -129,5 +150,5 @@ class Trainer:
     def _loss_weights(self, phase: str) -> LossWeights:
         c = self.cfg.loss
         # VAE warm-up (Sec. 4.1): alpha = 0 reduces Eq. 11-12 to a plain VAE.
-        return LossWeights(alpha=0.0 if phase == "warmup" else c.alpha, beta=c.beta, margin=c.margin,
+        return LossWeights(alpha=0.0 if phase == "warmup" else c.alpha, beta=c.beta, margin=self.margin.value,
                            l_ae_factor=c.l_ae_factor)

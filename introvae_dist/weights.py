@@ -13,6 +13,10 @@ back as the :class:`~introvae_dist.config.ModelConfig` training used, widths res
 
 The file (written by :func:`introvae_dist.export.export_checkpoint`):
 
+- tensors ``ema.encoder.<name>`` and ``ema.generator.<name>`` (runs trained with ``ema.*``):
+  the same for the weights' moving average (introvae_dist.ema), with the buffers of the live
+  network; metadata ``introvae_dist.ema`` names the networks averaged and the ema section.
+  Loading takes these by default (``weights="ema"``), the raw ones with ``weights="raw"``;
 - tensors ``encoder.<name>`` and ``generator.<name>``: each network's whole ``state_dict()``,
   parameters and BatchNorm running statistics, fp32 (``num_batches_tracked``: int64);
 - metadata (strings): ``introvae_dist.format`` = :data:`FORMAT`; ``introvae_dist.model``, the
@@ -31,6 +35,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -47,6 +52,12 @@ META_IMAGES_SEEN = "introvae_dist.images_seen"
 META_SHA256 = "introvae_dist.tensors_sha256"
 #: Tensor name prefix of each network, in file order.
 PREFIXES = {"encoder": "encoder.", "generator": "generator."}
+#: ... of each network's moving average (introvae_dist.ema), whole state dicts, when trained with one.
+EMA_PREFIXES = {"encoder": "ema.encoder.", "generator": "ema.generator."}
+#: JSON: the networks the file holds an EMA of, and the ema section they were averaged with.
+META_EMA = "introvae_dist.ema"
+#: Which weights to load: the moving average where the file has one (the default), or the raw ones.
+WeightsChoice = Literal["ema", "raw"]
 #: The model section's keys in ``introvae_dist.model``, as every exported file has held them.
 #: checkpoint_min_side_px is left out: it only trades memory for time in training.
 MODEL_KEYS = ("resolution_px", "latent_dim", "widths", "norm", "checkpoint_blocks")
@@ -102,6 +113,10 @@ class ExportInfo:
     model: ModelConfig
     step: int
     images_seen: int
+    #: The networks the file holds a moving average of ("encoder", "generator"); () for none.
+    ema_networks: tuple[str, ...] = ()
+    #: The ema section they were averaged with (half_life_images, rampup, encoder), or None.
+    ema: dict[str, Any] | None = None
 
 
 def read_info(path: str | Path) -> ExportInfo:
@@ -116,9 +131,10 @@ def read_info(path: str | Path) -> ExportInfo:
 
 
 def load_exported(
-    path: str | Path, device: str | torch.device = "cpu"
+    path: str | Path, device: str | torch.device = "cpu", weights: WeightsChoice = "ema"
 ) -> tuple[Encoder, Generator, ModelConfig]:
-    """E and G of an exported file, fp32, in eval mode, on `device`.
+    """E and G of an exported file, fp32, in eval mode, on `device`: each network's moving
+    average where the file holds one (``weights="ema"``), else (or with ``"raw"``) its weights.
 
     Every tensor of both networks must be in the file and nothing else (``strict=True``).
 
@@ -133,11 +149,12 @@ def load_exported(
         state = {name: f.get_tensor(name) for name in f.keys()}
     _check_sha256(path, state, metadata.get(META_SHA256))
     encoder, generator = build_networks(info.model)
-    unexpected = [name for name in state if not name.startswith(tuple(PREFIXES.values()))]
+    prefixes = (*PREFIXES.values(), *(EMA_PREFIXES[n] for n in info.ema_networks))
+    unexpected = [name for name in state if not name.startswith(prefixes)]
     if unexpected:
-        raise WeightsError(f"{path}: tensors outside encoder./generator.: {_some(unexpected)}")
+        raise WeightsError(f"{path}: tensors outside {'/'.join(prefixes)}: {_some(unexpected)}")
     for net_name, net in (("encoder", encoder), ("generator", generator)):
-        prefix = PREFIXES[net_name]
+        prefix = EMA_PREFIXES[net_name] if weights == "ema" and net_name in info.ema_networks else PREFIXES[net_name]
         net_state = {name[len(prefix):]: t for name, t in state.items() if name.startswith(prefix)}
         try:
             net.load_state_dict(net_state, strict=True)
@@ -200,7 +217,28 @@ def _info(path: Path, metadata: dict[str, str]) -> ExportInfo:
         step, images_seen = int(metadata[META_STEP]), int(metadata[META_IMAGES_SEEN])
     except ValueError:
         raise WeightsError(f"{path}: metadata {META_STEP}/{META_IMAGES_SEEN} are not integers") from None
-    return ExportInfo(path, model, step, images_seen)
+    ema_networks, ema = _ema_metadata(path, metadata.get(META_EMA))
+    return ExportInfo(path, model, step, images_seen, ema_networks, ema)
+
+
+def ema_to_json(networks: tuple[str, ...], section: dict[str, Any]) -> str:
+    return json.dumps({"networks": list(networks), "section": section}, sort_keys=True)
+
+
+def _ema_metadata(path: Path, text: str | None) -> tuple[tuple[str, ...], dict[str, Any] | None]:
+    """The META_EMA entry: (networks averaged, ema section); ((), None) for a file without it
+    (exported before the EMA existed, or trained with ema.half_life_images=0)."""
+    if text is None:
+        return (), None
+    try:
+        raw = json.loads(text)
+        networks = tuple(raw["networks"])
+        section = raw["section"]
+    except (ValueError, KeyError, TypeError):
+        raise WeightsError(f"{path}: metadata {META_EMA} is not {{networks: [...], section: {{...}}}}: {text}") from None
+    if not set(networks) <= set(EMA_PREFIXES) or not isinstance(section, dict):
+        raise WeightsError(f"{path}: metadata {META_EMA} names networks {list(networks)}; expected encoder/generator")
+    return networks, section
 
 
 def _some(names: list[str], limit: int = 5) -> str:

@@ -135,7 +135,9 @@ def test_file_holds_both_state_dicts_with_batchnorm_statistics_and_the_model_con
                                      checkpoint_blocks=True)
     encoder, generator = build_networks(info.model, "meta")
     expected = {f"encoder.{k}" for k in encoder.state_dict()} | {f"generator.{k}" for k in generator.state_dict()}
-    assert set(tensors) == expected
+    # ema.* is on by default: each network's moving average follows, whole, under ema.<net>.
+    assert info.ema_networks == ("encoder", "generator") and info.ema["half_life_images"] > 0
+    assert set(tensors) == expected | {f"ema.{k}" for k in expected}
     assert {t.dtype for t in tensors.values()} == {torch.float32, torch.int64}  # int64: num_batches_tracked
     # Buffers are rank 0's, as saved (and as the grid used them); they moved during training.
     for net in ("encoder", "generator"):
@@ -144,6 +146,24 @@ def test_file_holds_both_state_dicts_with_batchnorm_statistics_and_the_model_con
         assert buffers and all(torch.equal(tensors[f"{net}.{k}"], saved[k]) for k in buffers)
         assert all(tensors[f"{net}.{k}"].item() > 0 for k in buffers if "num_batches" in k)
         assert any(not torch.equal(tensors[f"{net}.{k}"], torch.ones_like(saved[k])) for k in buffers if "var" in k)
+
+
+@pytest.mark.slow
+def test_the_file_carries_the_checkpoints_moving_average_and_loads_either(fp32_run: Path, fp32_export: Path) -> None:
+    """The EMA tensors are the checkpoint's ema.pt with the live buffers; `weights="raw"` loads
+    the networks' own weights, the default their average."""
+    tensors = load_file(fp32_export)
+    ema = torch.load(_step_folder(fp32_run) / "ema.pt", weights_only=True)
+    for net in ("encoder", "generator"):
+        assert all(torch.equal(tensors[f"ema.{net}.{k}"], v) for k, v in ema[net].items())
+        buffers = [k for k in tensors if k.startswith(f"{net}.") and ("running_" in k or "num_batches" in k)]
+        assert buffers and all(torch.equal(tensors[f"ema.{k}"], tensors[k]) for k in buffers)
+    averaged, _, _ = load_exported(fp32_export)
+    raw, _, _ = load_exported(fp32_export, weights="raw")
+    for k, v in raw.state_dict().items():
+        assert torch.equal(v, tensors[f"encoder.{k}"])
+        assert torch.equal(averaged.state_dict()[k], tensors[f"ema.encoder.{k}"])
+    assert any(not torch.equal(averaged.state_dict()[k], v) for k, v in raw.state_dict().items())
 
 
 @pytest.mark.slow

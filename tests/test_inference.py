@@ -401,3 +401,44 @@ def test_checkpoint_run_folder_and_exported_file_give_the_same_samples(evaluated
         assert main(["sample", str(source), "--grid", str(tmp_path / f"{name}.png"), "-n", "6", "--seed", "2"]) == 0
         grids[name] = (tmp_path / f"{name}.png").read_bytes()
     assert grids["run"] == grids["step"] == grids["file"]
+
+
+# --- sampling temperature and the weights' moving average (issue 16) -------------------------
+
+def test_temperature_scales_the_prior_draws(weights: Path) -> None:
+    """--temperature T decodes z_p ~ N(0, T^2 I): the seed's latents times T."""
+    models = load_models(weights)
+    (first, cooled), = generated_batches(models.generator, 0, 4, seed=3, batch=4, device="cpu", temperature=0.5)
+    with torch.no_grad():
+        want = models.generator(latents(3, range(4), MODEL.latent_dim) * 0.5).clamp(0, 1)
+    assert first == 0 and torch.equal(cooled, want)
+    (_, plain), = generated_batches(models.generator, 0, 4, seed=3, batch=4, device="cpu")
+    assert not torch.equal(cooled, plain)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "warm"])
+def test_a_temperature_that_is_not_positive_and_finite_is_refused(weights: Path, tmp_path: Path, value: str,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sample", str(weights), "--grid", str(tmp_path / "g.png"), "--temperature", value]) == 2
+    assert f"--temperature: expected a positive finite number, got '{value}'" in capsys.readouterr().err
+    assert not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.slow
+def test_commands_use_the_moving_average_unless_told_raw(evaluated_run: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """The run trained with ema.* on (the default): sample draws with the EMA weights, and
+    --raw-weights with the networks' own, the same from the checkpoint as from its export."""
+    from introvae_dist.export import export_checkpoint
+
+    step_folder = evaluated_run / "checkpoints" / f"step_{TRAIN_STEPS:08d}"
+    exported = export_checkpoint(step_folder, tmp_path / "w.safetensors")
+    grids = {}
+    for name, source, extra in (("ema", step_folder, []), ("raw", step_folder, ["--raw-weights"]),
+                                ("raw_file", exported, ["--raw-weights"]), ("ema_file", exported, [])):
+        capsys.readouterr()
+        assert main(["sample", str(source), "--grid", str(tmp_path / f"{name}.png"), "-n", "6", *extra]) == 0
+        assert ("raw weights" if "raw" in name else "EMA weights") in capsys.readouterr().out
+        grids[name] = (tmp_path / f"{name}.png").read_bytes()
+    assert grids["raw"] == grids["raw_file"] and grids["ema"] == grids["ema_file"]
+    assert grids["ema"] != grids["raw"]

@@ -71,19 +71,23 @@ def test_a_real_runs_curves_show_every_curve_and_the_warmup(trained_run: Path) -
     left, right = shaded[:, : int(0.45 * width)].sum(), shaded[:, width // 2:].sum()
     assert left > 20_000 and right < 0.02 * left, (left, right)
     # Each kind's curve spans the axes (about 900 px per curve and panel), far more than its
-    # legend sample: KL real, reconstructions, samples, L_AE, and the margin m, which these
-    # records lack and which comes from config.yaml's loss.margin.
-    assert "margin" not in records[0]
+    # legend sample: KL real, reconstructions, samples, L_AE, and the margin m every record holds.
+    assert {r["margin"] for r in records} == {4.0}
     for kind in ("real", "rec", "fake", "l_ae", "margin"):
         assert _mask(pixels, COLOURS[kind]).sum() > 400, kind
 
 
 @pytest.mark.slow
-def test_without_a_margin_anywhere_the_curves_have_no_m_line(trained_run: Path, tmp_path: Path) -> None:
-    """The m line of the real run's figure comes from config.yaml: without the file it is gone."""
-    shutil.copy(trained_run / "metrics.jsonl", tmp_path / "metrics.jsonl")
+def test_records_written_before_the_margin_field_take_m_from_config_yaml(trained_run: Path, tmp_path: Path) -> None:
+    """A log from before records held m: the line comes from config.yaml's loss.margin, and
+    without that file there is none."""
+    old = [{k: v for k, v in json.loads(line).items() if k != "margin"}
+           for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    assert _mask(_pixels(render_curves(tmp_path)), COLOURS["margin"]).sum() == 0
+    shutil.copy(trained_run / "config.yaml", tmp_path / "config.yaml")
     pixels = _pixels(render_curves(tmp_path))
-    assert _mask(pixels, COLOURS["margin"]).sum() == 0
+    assert _mask(pixels, COLOURS["margin"]).sum() > 400
     assert _mask(pixels, COLOURS["real"]).sum() > 400
 
 

@@ -108,6 +108,15 @@ def check_resume_matches_one_go(shards: Path, tmp_path: Path, ranks: int,
         torch.testing.assert_close(torch.tensor(losses_b), torch.tensor(losses_a), **tolerance)
         for net, (wa, wb) in weights.items():
             torch.testing.assert_close(wb, wa, **tolerance, msg=lambda m, net=net: f"{net}: {m}")
+    # The weights' moving average (ema.* on by default): saved whole, restored into every rank's share.
+    ema_a, ema_b = (torch.load(_step_dir(r, 20) / "ema.pt", weights_only=True) for r in (a, b))
+    for net in ("encoder", "generator"):
+        assert ema_a[net].keys() == ema_b[net].keys() and set(ema_a[net]) <= set(weights[net][0]), net
+        for k in ema_a[net]:
+            if tolerance is None:
+                assert torch.equal(ema_a[net][k], ema_b[net][k]), ("ema", net, k)
+            else:
+                torch.testing.assert_close(ema_b[net][k], ema_a[net][k], **tolerance)
     for rank in range(ranks):  # every rank's own BatchNorm statistics and RNGs
         ra = torch.load(_step_dir(a, 20) / "ranks" / f"rank_{rank:05d}.pt", weights_only=True)
         rb = torch.load(_step_dir(b, 20) / "ranks" / f"rank_{rank:05d}.pt", weights_only=True)

@@ -77,6 +77,16 @@ def test_an_image_keeps_its_size_and_pixels(tmp_path: Path) -> None:
     assert np.array_equal(np.asarray(Image.open(BytesIO(event.encoded_image_string))), pixels)
 
 
+def test_a_grid_wider_than_the_limit_is_shrunk_for_tensorboard_only(tmp_path: Path) -> None:
+    png = tmp_path / "grid.png"
+    Image.new("RGB", (3000, 600), (10, 200, 30)).save(png)
+    with TensorBoardLog(tmp_path, start_step=0) as log:
+        log.image("samples", png, step=5, max_side_px=1500)
+    (event,) = _read(tmp_path).Images("samples")
+    assert (event.width, event.height) == (1500, 300)
+    assert Image.open(png).size == (3000, 600)  # the grid itself is left as it is
+
+
 def test_text_is_a_markdown_code_block(tmp_path: Path) -> None:
     config = "model:\n  resolution_px: 16\nloss:\n  margin: 4.0\n"
     with TensorBoardLog(tmp_path, start_step=0) as log:

@@ -26,10 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+import torch
+
 from introvae_dist import __version__, collectives
 from introvae_dist.checkpointing import faults
 from introvae_dist.checkpointing.layout import (
-    CHECKPOINTS_DIR, ENGINE_DIRS, ENGINE_TAG, TRAINER_STATE_NAME, UNIVERSAL_DIR, CheckpointError, check_files,
+    CHECKPOINTS_DIR, EMA_NAME, ENGINE_DIRS, ENGINE_TAG, TRAINER_STATE_NAME, UNIVERSAL_DIR, CheckpointError, check_files,
     delete_checkpoint, describe_files, list_files, parse_step, rank_state_path, read_manifest, read_trainer_state,
     retention_victims, set_aside, set_aside_victims, step_folder_name, survey, write_latest, write_manifest,
 )
@@ -38,7 +40,7 @@ from introvae_dist.checkpointing.rank_state import RankLocal, load_rank_state, s
 from introvae_dist.checkpointing.resume_plan import ResumePlan, check_config
 from introvae_dist.config import ConfigError, TrainConfig
 from introvae_dist.distributed import World
-from introvae_dist.files import write_text_atomic
+from introvae_dist.files import write_atomic, write_text_atomic
 from introvae_dist.stop_signals import StopSignals
 
 
@@ -109,6 +111,8 @@ class _Saved:
     rank_local: RankLocal
     #: Returns step, images_seen and phase for trainer_state.json.
     progress: Callable[[], dict[str, Any]]
+    #: The weights' moving average (introvae_dist.ema.TrainingEMA), None when ema is off.
+    ema: Any = None
 
 
 class Checkpointer:
@@ -207,9 +211,9 @@ class Checkpointer:
         collectives.barrier()
 
     def attach(self, encoder: Any, generator: Any, stream: Stateful, rank_local: RankLocal,
-               progress: Callable[[], dict[str, Any]]) -> None:
+               progress: Callable[[], dict[str, Any]], ema: Any = None) -> None:
         """The objects every save writes and :meth:`restore` loads."""
-        self._saved = _Saved(encoder, generator, stream, rank_local, progress)
+        self._saved = _Saved(encoder, generator, stream, rank_local, progress, ema)
         self.cadence.last_save_s = time.monotonic()  # minutes count from here, not from start-up
 
     def restore(self, point: ResumePoint, engine_configs: dict[str, Any], reseed: int) -> None:
@@ -235,7 +239,20 @@ class Checkpointer:
         note = saved.stream.load_state_dict(stream)
         if note and self.world.is_main:
             print(note, flush=True)
+        if saved.ema is not None:
+            self._restore_ema(saved.ema, point.folder)
         self.cadence.last_save_s = time.monotonic()
+
+    def _restore_ema(self, ema: Any, folder: Path) -> None:
+        """The saved average; a checkpoint without one (saved before the EMA existed, or with
+        ema off) starts it at the resumed weights, and says so."""
+        path = folder / EMA_NAME
+        if path.is_file():
+            ema.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return
+        ema.reset_to_live()
+        if self.world.is_main:
+            print(f"ema: {folder} holds no {EMA_NAME}; the moving average starts at the resumed weights", flush=True)
 
     def _require_attached(self) -> _Saved:
         if self._saved is None:
@@ -285,7 +302,10 @@ class Checkpointer:
         save_rank_state(rank_state_path(folder, world.rank),
                         {"rank": world.rank, "step": step, **saved.rank_local.state_dict(),
                          "stream": saved.stream.state_dict()})
+        ema = saved.ema.state_dict() if saved.ema is not None else None  # a collective under ZeRO-3
         if world.is_main:
+            if ema is not None:
+                write_atomic(folder / EMA_NAME, lambda stream: torch.save(ema, stream))
             write_text_atomic(folder / TRAINER_STATE_NAME, json.dumps(self._trainer_state(saved), indent=1) + "\n")
         collectives.barrier()
         self._before_manifest(step)
@@ -341,7 +361,6 @@ class Checkpointer:
 
 def _versions() -> dict[str, str]:
     import deepspeed
-    import torch
     import webdataset
 
     return {"introvae_dist": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,

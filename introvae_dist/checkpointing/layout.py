@@ -8,6 +8,7 @@ Layout of a run folder's ``checkpoints/``::
         encoder/ds/...          DeepSpeed sharded checkpoint of E (its own folder: two
         generator/ds/...        engines in one folder overwrite each other, FIELD-NOTES)
         ranks/rank_00000.pt     per-rank state: RNGs, data stream position, BN buffers
+        ema.pt                  the weights' moving average, whole fp32 (when ema is on)
         trainer_state.json      step, images seen, phase, world size, config, versions
         MANIFEST.json           size and sha256 of every file above; written last
     universal/step_00000400/    DeepSpeed universal conversions, made on a world-size change
@@ -41,6 +42,8 @@ MANIFEST_FORMAT = "introvae-dist-checkpoint/1"
 LEGACY_COMPLETE_NAME = "COMPLETE"
 LATEST_NAME = "latest"
 TRAINER_STATE_NAME = "trainer_state.json"
+#: The weights' moving average (introvae_dist.ema), whole fp32 tensors, written by rank 0.
+EMA_NAME = "ema.pt"
 RANKS_DIR = "ranks"
 UNIVERSAL_DIR = "universal"
 #: Sub-folder of each engine and the DeepSpeed tag inside it.
