@@ -51,7 +51,7 @@ def main() -> None:
             wall_s, _ = timed(call, enc.device)
             if round_index >= args.warmup_steps:
                 times[name].append(wall_s)
-    params = sum(p.numel() for e in (enc, gen) for p in e.module.parameters())
+    params = sum(getattr(p, "ds_numel", p.numel()) for e in (enc, gen) for p in e.module.parameters())  # whole, under ZeRO-3 too
     step_s, ema_s = (statistics.median(times[name]) for name in calls)
     print(f"# {describe(enc.device)}; {args.resolution_px} px, batch {args.batch}, ZeRO {args.zero_stage}, "
           f"{precision}, {params / 1e6:.1f} M weights averaged, {args.steps} rounds")

@@ -89,7 +89,8 @@ def all_gather_flat(part: torch.Tensor) -> torch.Tensor:
     ``part``'s device (as ZeRO-3 reassembles a partitioned weight)."""
     on_backend = part.detach().to(backend_device()).contiguous()
     out = torch.empty(on_backend.numel() * dist.get_world_size(), dtype=on_backend.dtype, device=on_backend.device)
-    dist.all_gather_into_tensor(out, on_backend)
+    # torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single; same arguments.
+    getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(out, on_backend)
     return out.to(part.device)
 
 

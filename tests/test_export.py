@@ -135,9 +135,9 @@ def test_file_holds_both_state_dicts_with_batchnorm_statistics_and_the_model_con
                                      checkpoint_blocks=True)
     encoder, generator = build_networks(info.model, "meta")
     expected = {f"encoder.{k}" for k in encoder.state_dict()} | {f"generator.{k}" for k in generator.state_dict()}
-    # ema.* is on by default: each network's moving average follows, whole, under ema.<net>.
-    assert info.ema_networks == ("encoder", "generator") and info.ema["half_life_images"] > 0
-    assert set(tensors) == expected | {f"ema.{k}" for k in expected}
+    # ema.* is on by default, for G (ema.encoder: false): its moving average follows, whole, under ema.generator.
+    assert info.ema_networks == ("generator",) and info.ema["half_life_images"] > 0
+    assert set(tensors) == expected | {f"ema.{k}" for k in expected if k.startswith("generator.")}
     assert {t.dtype for t in tensors.values()} == {torch.float32, torch.int64}  # int64: num_batches_tracked
     # Buffers are rank 0's, as saved (and as the grid used them); they moved during training.
     for net in ("encoder", "generator"):
@@ -154,16 +154,17 @@ def test_the_file_carries_the_checkpoints_moving_average_and_loads_either(fp32_r
     the networks' own weights, the default their average."""
     tensors = load_file(fp32_export)
     ema = torch.load(_step_folder(fp32_run) / "ema.pt", weights_only=True)
-    for net in ("encoder", "generator"):
-        assert all(torch.equal(tensors[f"ema.{net}.{k}"], v) for k, v in ema[net].items())
-        buffers = [k for k in tensors if k.startswith(f"{net}.") and ("running_" in k or "num_batches" in k)]
-        assert buffers and all(torch.equal(tensors[f"ema.{k}"], tensors[k]) for k in buffers)
-    averaged, _, _ = load_exported(fp32_export)
-    raw, _, _ = load_exported(fp32_export, weights="raw")
+    assert set(ema) == {"format", "generator"}  # ema.encoder: false by default
+    assert all(torch.equal(tensors[f"ema.generator.{k}"], v) for k, v in ema["generator"].items())
+    buffers = [k for k in tensors if k.startswith("generator.") and ("running_" in k or "num_batches" in k)]
+    assert buffers and all(torch.equal(tensors[f"ema.{k}"], tensors[k]) for k in buffers)
+    enc_avg, averaged, _ = load_exported(fp32_export)
+    enc_raw, raw, _ = load_exported(fp32_export, weights="raw")
     for k, v in raw.state_dict().items():
-        assert torch.equal(v, tensors[f"encoder.{k}"])
-        assert torch.equal(averaged.state_dict()[k], tensors[f"ema.encoder.{k}"])
+        assert torch.equal(v, tensors[f"generator.{k}"])
+        assert torch.equal(averaged.state_dict()[k], tensors[f"ema.generator.{k}"])
     assert any(not torch.equal(averaged.state_dict()[k], v) for k, v in raw.state_dict().items())
+    assert all(torch.equal(enc_avg.state_dict()[k], v) for k, v in enc_raw.state_dict().items())  # E: raw only
 
 
 @pytest.mark.slow
