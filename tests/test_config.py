@@ -53,12 +53,21 @@ def _refusal(shards: Path, root: Path, *overrides: str) -> str:
         ("encoder.grad_reduce_dtype=fp16", "encoder.grad_reduce_dtype='fp16': expected one of 'fp32', 'bf16'"),
         ("train.grid_cell_px=-1", "train.grid_cell_px=-1: expected a value >= 0 (0 keeps the images' own size)"),
         ("train.channels_last=maybe", "train.channels_last='maybe': expected bool or 'auto'"),
+        # issue 16: the EMA, the automatic margin, TensorBoard
+        ("ema.half_life_images=-1", "ema.half_life_images=-1.0: expected a value >= 0 (0 turns the EMA off)"),
+        ("ema.rampup=.nan", "ema.rampup=nan: expected a finite number"),
+        ("ema.decay=0.999", "unknown key 'ema.decay'; known keys here: half_life_images, rampup, encoder"),
+        ("loss.margin=often", "loss.margin='often': expected float or 'auto'"),
+        ("loss.margin_factor=-1.5", "loss.margin_factor=-1.5: expected a positive value"),
+        ("loss.margin_window_images=0", "loss.margin_window_images=0: expected a positive value"),
+        ("train.tensorboard=maybe", "train.tensorboard='maybe': expected bool, got str"),
+        ("train.tensorbord=true", "unknown key 'train.tensorbord'"),
     ],
 )
 def test_bad_numbers_are_refused_with_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config("configs/cpu_synthetic.yaml", [override])
-    assert message in str(err.value)
+    assert message in str(err.value), str(err.value)
     assert str(err.value).startswith("configs/cpu_synthetic.yaml + command-line overrides: ")
 
 
