@@ -260,7 +260,8 @@ def _add_export_command(commands: argparse._SubParsersAction) -> None:
         "export", help="write a checkpoint's fp32 weights of E and G into one safetensors file",
         description="Consolidate a training checkpoint (any ZeRO stage, any number of ranks, bf16 or "
         "fp32) into one safetensors file for inference: the fp32 weights and BatchNorm statistics of "
-        "the encoder and the generator, and the model config in the file's metadata. Load it with "
+        "the encoder and the generator, their moving average where the run kept one (ema.*; loaded by "
+        "default, --raw-weights for the others), and the model config in the file's metadata. Load it with "
         "introvae_dist.weights.load_exported (needs torch and safetensors only).",
     )
     parser.set_defaults(run=_run_export)
