@@ -65,6 +65,7 @@ class Maintenance:
         self.run_dir = plan.resume.run_dir
         self.grid_real, self.grid_z = self._fixed_grid_inputs(plan)
         self.log: RunLog | None = None
+        self.tb = TensorBoardLog(self.run_dir, 0, enabled=False)  # open_log() opens the real one
 
     # -- the log --------------------------------------------------------------------------------
 
@@ -96,7 +97,7 @@ class Maintenance:
         t, step = self.cfg.train, progress.step
         record, agreed = reduce_over_ranks(figures, stream.stats(), self.checkpointer.local_flags(), self.world)
         self._stop_if_non_finite(record, step)
-        margin = self.margin.value  # the m this step used (None: not chosen yet, inside the warm-up)
+        margin = self.margin.value  # the m this step used (0 before an automatic m is chosen: alpha = 0 then)
         record.update(step=step, images_seen=progress.images_seen, epoch=stream.epoch, phase=phase,
                       margin=self.margin.chosen)
         images_per_s = self.log.step(record, t.batch_global)

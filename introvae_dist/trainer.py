@@ -92,7 +92,7 @@ class Trainer:
         return {**self.progress.state_dict(), "margin": self.margin.state_dict()}
 
     def _build_ema(self) -> TrainingEMA | None:
-        """The weights' moving average (ema.*): of G, and of E unless ema.encoder is false."""
+        """The weights' moving average (ema.*): of G, and of E too with ema.encoder; None when off."""
         e = self.cfg.ema
         if not e.enabled:
             return None
