@@ -32,7 +32,8 @@ PYTHON=${PYTHON:-python3}
 # deepspeed: einops hjson msgpack ninja numpy packaging psutil py-cpuinfo pydantic torch tqdm;
 # webdataset: braceexpand numpy pyyaml; pydantic: annotated-types pydantic-core
 # typing-extensions typing-inspection; pydantic-core, typing-inspection: typing-extensions.
-# The GPU machine has einops msgpack ninja numpy packaging psutil torch tqdm pyyaml.
+# The GPU machine has einops msgpack ninja numpy packaging psutil torch tqdm pyyaml, and the
+# matplotlib and tensorboard that RUN/curves.png and RUN/tensorboard/ need (FIELD-NOTES).
 DOWNLOADED=(webdataset braceexpand hjson py-cpuinfo lmdb pydantic pydantic-core annotated-types
             typing-inspection typing-extensions)
 
