@@ -67,15 +67,23 @@ class TrainingEMA:
             state[name] = self._ds.full_from_local(e, self.shadow[name])
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> list[str]:
+        """Restore the saved average; returns the networks the state has none of (ema.encoder
+        switched on at a resume), which start at their current weights."""
         if state.get("format") != EMA_STATE_FORMAT:
             raise ValueError(f"not an introvae-dist EMA state (expected format {EMA_STATE_FORMAT!r})")
+        fresh = []
         for name, e in self.engines.items():
+            if name not in state:
+                self.shadow[name] = {k: v.float().clone() for k, v in self._ds.local_weights(e).items()}
+                fresh.append(name)
+                continue
             saved = state[name]
             if set(saved) != set(self.shadow[name]):
                 raise ValueError(f"the EMA of {name} has other weights than the network "
                                  f"(checkpoint: {sorted(saved)[:3]}..., network: {sorted(self.shadow[name])[:3]}...)")
             self.shadow[name] = {k: v.float() for k, v in self._ds.local_from_full(e, saved).items()}
+        return fresh
 
     def reset_to_live(self) -> None:
         """Start the average at the current weights (a checkpoint saved without an EMA)."""

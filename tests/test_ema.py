@@ -4,6 +4,7 @@ real ranks (tests/workers/ema_check.py under the deepspeed launcher, gloo)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -55,3 +56,20 @@ def test_a_saved_average_loads_back_exactly_and_builds_the_networks_it_holds(rep
         for k, v in r["state"][net].items():
             assert torch.equal(r["reloaded"][net][k], v), (case, net, k)
     torch.testing.assert_close(r["out_ema"], r["out_ref"], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_switching_on_the_encoders_average_at_a_resume_starts_it_and_says_so(tiny_shards: Path, tmp_path: Path) -> None:
+    """ema.encoder is a change a resume accepts: the generator's saved average is restored, the
+    encoder's starts at the resumed weights, and the next checkpoint holds both."""
+    args = ["launchers/train.py", "--config", "configs/cpu_synthetic.yaml", f"data.shards={tiny_shards}",
+            f"run.root={tmp_path}", "model.resolution_px=16", "model.widths=[8,16]", "model.latent_dim=8",
+            "train.batch_global=4", "train.sample_every_steps=1000", "loss.warmup_images=8", "loss.margin=4",
+            "train.save_every_steps=3"]
+    first = run(deepspeed_cmd(1, *args, "train.total_steps=3"))
+    assert first.returncode == 0, tail(first)
+    second = run(deepspeed_cmd(1, *args, "train.total_steps=6", "ema.encoder=true"))
+    assert second.returncode == 0, tail(second)
+    assert "holds no average of the encoder; it starts at the resumed weights" in second.stdout, tail(second)
+    saved = torch.load(tmp_path / "cpu-synthetic" / "checkpoints" / "step_00000006" / "ema.pt", weights_only=True)
+    assert set(saved) == {"format", "encoder", "generator"}

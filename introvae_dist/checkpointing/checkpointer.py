@@ -248,7 +248,10 @@ class Checkpointer:
         ema off) starts it at the resumed weights, and says so."""
         path = folder / EMA_NAME
         if path.is_file():
-            ema.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            fresh = ema.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            if fresh and self.world.is_main:
+                print(f"ema: {path} holds no average of the {' and '.join(fresh)}; it starts at the resumed weights",
+                      flush=True)
             return
         ema.reset_to_live()
         if self.world.is_main:
