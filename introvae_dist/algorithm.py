@@ -65,16 +65,27 @@ class AdoptOutputs(Protocol):
 
 @dataclass(frozen=True)
 class StepNoise:
-    """The randomness of one step: eps for the reparameterisation and z_p ~ N(0, I)."""
+    """The randomness of one step: eps for the reparameterisation and z_p ~ N(0, I), and for
+    Soft-IntroVAE the eps of its four re-encodings (soft_algorithm.py)."""
 
     eps: torch.Tensor  # (B, latent)
     z_prior: torch.Tensor  # (B, latent)
+    #: (REENCODINGS, B, latent) or None: eps of E(x_r), E(x_p) in E's phase, then in G's.
+    eps_reencoded: torch.Tensor | None = None
 
     @staticmethod
-    def sample(batch: int, latent_dim: int, generator: torch.Generator, device: torch.device) -> StepNoise:
+    def sample(batch: int, latent_dim: int, generator: torch.Generator, device: torch.device,
+               reencodings: int = 0) -> StepNoise:
+        """Drawn in this order from `generator`; IntroVAE (reencodings 0) draws what it always has."""
         eps = torch.randn(batch, latent_dim, generator=generator).to(device)
         z_prior = torch.randn(batch, latent_dim, generator=generator).to(device)
-        return StepNoise(eps=eps, z_prior=z_prior)
+        extra = torch.randn(reencodings, batch, latent_dim, generator=generator).to(device) if reencodings else None
+        return StepNoise(eps=eps, z_prior=z_prior, eps_reencoded=extra)
+
+    def rows(self, index: slice) -> StepNoise:
+        """The noise of images `index` of the batch (a rank's share of a global batch)."""
+        extra = None if self.eps_reencoded is None else self.eps_reencoded[:, index]
+        return StepNoise(eps=self.eps[index], z_prior=self.z_prior[index], eps_reencoded=extra)
 
 
 #: Names of the per-step figures; all are batch means. "_e" = as seen by E in the encoder
@@ -99,14 +110,24 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
             p.requires_grad_(flag)
 
 
-def _run(net: Callable[[torch.Tensor], object], module: nn.Module, t: torch.Tensor) -> object:
-    """Call `net` on `t` cast to `module`'s dtype: E and G may run in different precisions."""
-    return net(t.to(param_dtype(module)))
+def run_in_dtype(net: Callable[[torch.Tensor], object], module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """Call `net` (an engine or its bare module) on `t` cast to `module`'s dtype: E and G may
+    run in different precisions."""
+    out: torch.Tensor = net(t.to(param_dtype(module)))  # type: ignore[assignment]
+    return out
 
 
-def _encode(net: Callable[[torch.Tensor], object], module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mu, logvar = _run(net, module, x)  # type: ignore[misc]
+def encode(net: Callable[[torch.Tensor], object], module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mu, logvar) of E, called as `net` (its engine or bare module)."""
+    mu, logvar = run_in_dtype(net, module, x)
     return mu, logvar
+
+
+def through_z(z: torch.Tensor, grad_z: torch.Tensor) -> torch.Tensor:
+    """A zero-valued term whose gradient for E is grad_z . dz/dtheta_E: how a loss whose
+    gradient at z was taken through G (with `torch.autograd.grad`) reaches E's weights."""
+    inner = (z * grad_z).sum()
+    return inner - inner.detach()
 
 
 @dataclass
@@ -132,13 +153,13 @@ class Decoded:
 
 def decode(enc: Engine, gen: Engine, x: torch.Tensor, noise: StepNoise, w: LossWeights) -> Decoded:
     """Encode x, decode z and z_p once, and take L_AE's gradient at z (data gradients of G only)."""
-    mu, logvar = _encode(enc, enc.module, x)
+    mu, logvar = encode(enc, enc.module, x)
     z = reparameterize(mu.float(), logvar.float(), noise.eps)
     z_leaf = z.detach().requires_grad_(True)
     # G through its bare module: its first backward is the data-only one below, which must not
     # run G's engine hooks; generator_phase attaches them before G's own backward.
-    x_rec: torch.Tensor = _run(gen.module, gen.module, z_leaf)  # type: ignore[assignment]
-    x_fake: torch.Tensor = _run(gen.module, gen.module, noise.z_prior)  # type: ignore[assignment]
+    x_rec = run_in_dtype(gen.module, gen.module, z_leaf)
+    x_fake = run_in_dtype(gen.module, gen.module, noise.z_prior)
     l_ae = reconstruction_per_image(x_rec, x, w.l_ae_factor)
     # autograd.grad runs only the path to z_leaf: no weight gradients of G are computed and
     # none of G's ZeRO gradient hooks fire. The graph is kept for the generator phase.
@@ -146,20 +167,14 @@ def decode(enc: Engine, gen: Engine, x: torch.Tensor, noise: StepNoise, w: LossW
     return Decoded(mu, logvar, z, x_rec, x_fake, l_ae, grad_z)
 
 
-def _through_z(d: Decoded) -> torch.Tensor:
-    """A zero-valued term whose gradient for E is grad_z . dz/dtheta_E: beta * L_AE's share."""
-    inner = (d.z * d.grad_z).sum()
-    return inner - inner.detach()
-
-
 def encoder_phase(enc: Engine, d: Decoded, w: LossWeights, on_gradients: GradientHook | None
                   ) -> dict[str, torch.Tensor]:
     """Algorithm 1, lines 7-10: update E with L_E of Eq. 11 (gradients stopped at x_r, x_p)."""
     kl_real = kl_per_image(d.mu, d.logvar)
-    kl_rec = kl_per_image(*_encode(enc, enc.module, d.x_rec.detach()))  # ng(x_r)
-    kl_fake = kl_per_image(*_encode(enc, enc.module, d.x_fake.detach()))  # ng(x_p)
+    kl_rec = kl_per_image(*encode(enc, enc.module, d.x_rec.detach()))  # ng(x_r)
+    kl_fake = kl_per_image(*encode(enc, enc.module, d.x_fake.detach()))  # ng(x_p)
     loss = encoder_loss(kl_real, kl_rec, kl_fake, d.l_ae.detach(), w)
-    enc.backward(loss + _through_z(d))
+    enc.backward(loss + through_z(d.z, d.grad_z))
     if on_gradients is not None:
         on_gradients("encoder")
     enc.step()
@@ -178,8 +193,8 @@ def generator_phase(
     """
     adopt(gen, d.x_rec, d.x_fake)  # decode() ran G through its bare module
     with frozen(enc.module):
-        kl_rec = kl_per_image(*_encode(enc.module, enc.module, d.x_rec))
-        kl_fake = kl_per_image(*_encode(enc.module, enc.module, d.x_fake))
+        kl_rec = kl_per_image(*encode(enc.module, enc.module, d.x_rec))
+        kl_fake = kl_per_image(*encode(enc.module, enc.module, d.x_fake))
         loss = generator_loss(kl_rec, kl_fake, d.l_ae, w)
         gen.backward(loss)
         if on_gradients is not None:
@@ -207,13 +222,13 @@ def shared_encoder_phases(
     x_fake = d.x_fake.detach().requires_grad_(True)
     # Through E's bare module, as decode() runs G: the data-only autograd.grad below must not
     # run E's engine hooks; they are attached afterwards for E's own backward.
-    encoded_rec, encoded_fake = _encode(enc.module, enc.module, x_rec), _encode(enc.module, enc.module, x_fake)
+    encoded_rec, encoded_fake = encode(enc.module, enc.module, x_rec), encode(enc.module, enc.module, x_fake)
     kl_rec, kl_fake = kl_per_image(*encoded_rec), kl_per_image(*encoded_fake)
     grad_rec, grad_fake = torch.autograd.grad((w.alpha * (kl_rec + kl_fake)).mean(), (x_rec, x_fake),
                                               retain_graph=True)
     adopt(enc, *encoded_rec, *encoded_fake)
     loss_e = encoder_loss(kl_real, kl_rec, kl_fake, d.l_ae.detach(), w)
-    enc.backward(loss_e + _through_z(d))
+    enc.backward(loss_e + through_z(d.z, d.grad_z))
     if on_gradients is not None:
         on_gradients("encoder")
     enc.step()

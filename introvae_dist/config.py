@@ -68,42 +68,95 @@ class ModelConfig:
             raise ConfigError(f"model.checkpoint_min_side_px={self.checkpoint_min_side_px}: expected >= 0 (0: every block)")
 
 
+#: The objectives `loss.objective` selects, each with its own keys and their defaults. A key
+#: of one objective given with the other is refused (a weight that silently does nothing is
+#: worse than an error); the other objective's keys stay null in the resolved config.
+Objective = Literal["introvae", "soft_introvae"]
+OBJECTIVE_KEYS: dict[str, dict[str, float | int]] = {
+    # Eq. 11-12 (Sec. 4.1) and Eq. 10's factor; the margin's automatic choice (margin.py).
+    "introvae": {"alpha": 0.25, "beta": 0.5, "margin": 110.0, "margin_factor": 1.5,
+                 "margin_window_images": 4096, "l_ae_factor": 0.5},
+    # Soft-IntroVAE (Daniel & Tamar 2021; soft_losses.py): the authors' train_soft_intro_vae.py
+    # recommends beta_neg 256 at 28-32 px and 1024 for CelebA-HQ; gamma_r is its default.
+    "soft_introvae": {"beta_rec": 1.0, "beta_kl": 1.0, "beta_neg": 256.0, "gamma_r": 1e-8},
+}
+
+
 @dataclass
 class LossConfig:
-    """alpha, beta, m of Eq. 11-12 (Sec. 4.1), Eq. 10's factor, and the VAE warm-up."""
+    """The objective and its weights: IntroVAE's alpha, beta, m of Eq. 11-12 (Sec. 4.1) and
+    Eq. 10's factor, or Soft-IntroVAE's betas; and the VAE warm-up, shared by both.
 
-    alpha: float = 0.25
-    beta: float = 0.5
+    A key left out (None) takes its objective's default from OBJECTIVE_KEYS at construction; the
+    inactive objective's keys must stay None."""
+
+    #: "introvae": Algorithm 1 (algorithm.py). "soft_introvae": Soft-IntroVAE's exponential
+    #: of the ELBO of generated images in place of the hinge (soft_algorithm.py).
+    objective: Objective = "introvae"
+    alpha: float | None = None
+    beta: float | None = None
     #: m of Eq. 11, or "auto": margin_factor x the mean KL(real) of the warm-up's last
     #: margin_window_images images (Appendix D: "a little larger than the training
     #: kl-divergence value of VAEs"; introvae_dist/margin.py). "auto" needs a warm-up.
-    margin: float | Literal["auto"] = 110.0
+    margin: float | Literal["auto"] | None = None
     #: With margin "auto": the factor over the warm-up's KL(real). 1.5 gave Fig. 5's balance on
     #: the demo and on photographs; 1.25 left the demo's KL(real) above m (docs/TRAINING.md).
-    margin_factor: float = 1.5
+    margin_factor: float | None = None
     #: With margin "auto": the warm-up images whose KL(real) is averaged (the last ones).
-    margin_window_images: int = 4096
+    margin_window_images: int | None = None
     #: 0.5 as in Eq. 10; 1.0 reproduces the authors' code.
-    l_ae_factor: float = 0.5
-    #: Images trained as a plain VAE (alpha = 0) before the adversarial phase (Sec. 4.1).
+    l_ae_factor: float | None = None
+    #: Soft-IntroVAE: the weight of the reconstruction error (in every ELBO term).
+    beta_rec: float | None = None
+    #: Soft-IntroVAE: the weight of KL in the ELBO of real images (E) and of x_r, x_p (G).
+    beta_kl: float | None = None
+    #: Soft-IntroVAE: the weight of KL in the exponentiated ELBO of x_r and x_p (E).
+    beta_neg: float | None = None
+    #: Soft-IntroVAE: the weight of G's reconstruction of its own x_r and x_p.
+    gamma_r: float | None = None
+    #: Images trained as a plain VAE before the adversarial phase (Sec. 4.1; Soft-IntroVAE's
+    #: optional num_vae): IntroVAE with alpha = 0, Soft-IntroVAE without its adversarial terms.
     warmup_images: int = 0
 
     def __post_init__(self) -> None:
+        if self.objective in OBJECTIVE_KEYS:  # else validate() names the bad value
+            self._refuse_other_objectives_keys()
+            for name, default in OBJECTIVE_KEYS[self.objective].items():
+                if getattr(self, name) is None:
+                    setattr(self, name, default)
         self.validate()
 
+    def _refuse_other_objectives_keys(self) -> None:
+        for objective, keys in OBJECTIVE_KEYS.items():
+            given = [name for name in keys if objective != self.objective and getattr(self, name) is not None]
+            if given:
+                raise ConfigError(
+                    f"loss.{given[0]}={getattr(self, given[0])!r} is a key of loss.objective={objective}, but "
+                    f"loss.objective={self.objective}: remove {', '.join('loss.' + k for k in given)} or set "
+                    f"loss.objective={objective}")
+
     def validate(self) -> None:
+        if self.objective not in OBJECTIVE_KEYS:
+            raise ConfigError(f"loss.objective={self.objective!r}: expected one of {', '.join(OBJECTIVE_KEYS)}")
+        self._refuse_other_objectives_keys()
         _check_finite(self, "loss")
-        for name in ("alpha", "beta", "warmup_images"):
+        _at_least_zero("loss.warmup_images", self.warmup_images)
+        if self.objective == "soft_introvae":
+            _positive("loss.beta_rec", self.beta_rec)  # type: ignore[arg-type]
+            for name in ("beta_kl", "beta_neg", "gamma_r"):
+                _at_least_zero(f"loss.{name}", getattr(self, name))
+            return
+        for name in ("alpha", "beta"):
             _at_least_zero(f"loss.{name}", getattr(self, name))
         if self.margin != "auto":
-            _at_least_zero("loss.margin", self.margin, "or 'auto'")
-        _positive("loss.margin_factor", self.margin_factor)
-        _positive("loss.margin_window_images", self.margin_window_images)
-        _positive("loss.l_ae_factor", self.l_ae_factor)
+            _at_least_zero("loss.margin", self.margin, "or 'auto'")  # type: ignore[arg-type]
+        _positive("loss.margin_factor", self.margin_factor)  # type: ignore[arg-type]
+        _positive("loss.margin_window_images", self.margin_window_images)  # type: ignore[arg-type]
+        _positive("loss.l_ae_factor", self.l_ae_factor)  # type: ignore[arg-type]
         if self.margin == "auto" and self.warmup_images <= 0:
             raise ConfigError("loss.margin=auto chooses m from the VAE warm-up's KL(real), but loss.warmup_images="
                               f"{self.warmup_images}: set loss.warmup_images > 0 (Sec. 4.1) or give loss.margin a value")
-        if self.margin == "auto" and self.margin_window_images > self.warmup_images:
+        if self.margin == "auto" and self.margin_window_images > self.warmup_images:  # type: ignore[operator]
             raise ConfigError(f"loss.margin_window_images={self.margin_window_images} is more than loss.warmup_images="
                               f"{self.warmup_images}: the window is the warm-up's last images; make it at most that")
 
@@ -476,9 +529,11 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
+                notes: list[str] | None = None) -> Config:
     """Read a YAML preset (or the defaults when `path` is None), apply dotted overrides,
-    type-check and validate. Raises ConfigError naming the file and key."""
+    type-check and validate. Raises ConfigError naming the file and key. What the reading
+    decided for the user (keys an objective switch left unused) is appended to `notes`."""
     import yaml
 
     raw: dict[str, Any] = {}
@@ -498,12 +553,35 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         raw = loaded or {}
+    file_loss = raw.get("loss") if isinstance(raw.get("loss"), dict) else {}
+    file_objective, file_keys = file_loss.get("objective", "introvae"), set(file_loss)
     for override in overrides:
         _apply_override(raw, override)
     if overrides:
         source = f"{source} + command-line overrides"
+    dropped = _drop_switched_objectives_keys(raw, file_objective, file_keys, overrides)
+    if dropped and notes is not None:
+        notes.append(f"loss.objective={raw['loss']['objective']} on the command line: {source.split(' + ')[0]}'s "
+                     f"keys of {file_objective} ({', '.join('loss.' + k for k in dropped)}) are not used")
     cfg: Config = _build(Config, raw, "", source)
     return cfg
+
+
+def _drop_switched_objectives_keys(raw: dict[str, Any], file_objective: Any, file_keys: set[str],
+                                   overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """Where an override switches `loss.objective` away from the file's, the file's keys of its
+    own objective are dropped (returned), so that one override runs a preset with the other
+    objective (the demo with `loss.objective=soft_introvae`). Such keys given on the command
+    line are still refused: the user typed them with the new objective."""
+    loss = raw.get("loss")
+    if not isinstance(loss, dict) or loss.get("objective", "introvae") == file_objective:
+        return []
+    typed = {o.split("=", 1)[0].strip().removeprefix("loss.") for o in overrides if o.strip().startswith("loss.")}
+    own = OBJECTIVE_KEYS.get(str(file_objective), {})
+    dropped = [k for k in own if k in file_keys and k not in typed]
+    for k in dropped:
+        del loss[k]
+    return dropped
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

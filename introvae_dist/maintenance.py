@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from introvae_dist import collectives
-from introvae_dist.algorithm import METRIC_NAMES
 from introvae_dist.checkpointing.checkpointer import Checkpointer
 from introvae_dist.config import Config, dump_config
 from introvae_dist.data.loader import TrainStream, describe_epoch, read_fixed_images
@@ -39,15 +38,18 @@ def reduce_over_ranks(figures: dict[str, torch.Tensor], data_counts: dict[str, i
     """Loss figures averaged, data counts summed and flags or-ed over ranks, in one collective.
 
     All ranks agree on the result, so all stop together on a NaN, and all save and stop
-    together when any of them received a stop signal.
+    together when any of them received a stop signal. `figures` are the objective's
+    (algorithm.METRIC_NAMES or soft_algorithm.SOFT_METRIC_NAMES), in the same order on every
+    rank: every rank runs the same step.
     """
-    losses = torch.stack([figures[name].float().cpu() for name in METRIC_NAMES])
+    names = tuple(figures)
+    losses = torch.stack([figures[name].float().cpu() for name in names])
     counts = torch.tensor([float(v) for v in data_counts.values()])
     raised = torch.tensor([float(v) for v in flags.values()])
     values = collectives.sum_(torch.cat([losses, counts, raised]))
-    n_losses, n_counts = len(METRIC_NAMES), len(data_counts)
+    n_losses, n_counts = len(names), len(data_counts)
     values[:n_losses] /= world.world_size
-    record: dict[str, float] = dict(zip(METRIC_NAMES, values[:n_losses].tolist()))
+    record: dict[str, float] = dict(zip(names, values[:n_losses].tolist()))
     record.update({f"data_{name}": int(v) for name, v in zip(data_counts, values[n_losses:n_losses + n_counts].tolist())})
     agreed = {name for name, v in zip(flags, values[n_losses + n_counts:].tolist()) if v > 0}
     return record, agreed
@@ -107,8 +109,8 @@ class Maintenance:
         chosen = self.margin.observe(progress.images_seen - t.batch_global, record["kl_real"])
         if chosen:
             self.log.message(f"step {step}: {chosen}")
-        for warning in self.health.check(step, record, margin):
-            self.log.message(warning)
+        for warning in self.health.check(step, record, margin) if self.margin.active else ():
+            self.log.message(warning)  # Theorem 1's regime, in terms of IntroVAE's m
         if step % t.sample_every_steps == 0 or step == t.total_steps:
             self.write_grid(step)
         if self.evaluator is not None and step % self.cfg.eval.every_steps == 0:
@@ -182,11 +184,16 @@ class Maintenance:
 
 
 def summary_line(record: dict[str, Any], images_per_s: float) -> str:
-    """One log line of a step's figures, the six KL terms as Algorithm 1's two updates see them."""
-    return (f"step {record['step']} [{record['phase']}] L_AE {record['l_ae']:.2f} | KL real {record['kl_real']:.2f} "
-            f"| E sees rec {record['kl_rec_e']:.2f} fake {record['kl_fake_e']:.2f} | G sees rec "
-            f"{record['kl_rec_g']:.2f} fake {record['kl_fake_g']:.2f} | {images_per_s:.1f} img/s"
-            + _damage_note(record))
+    """One log line of a step's figures, the six KL terms as the two updates see them; for
+    Soft-IntroVAE the reconstruction error and E's exponentiated ELBO of x_r and x_p too."""
+    kl = (f"KL real {record['kl_real']:.2f} | E sees rec {record['kl_rec_e']:.2f} fake {record['kl_fake_e']:.2f} "
+          f"| G sees rec {record['kl_rec_g']:.2f} fake {record['kl_fake_g']:.2f}")
+    if "exp_elbo_rec" in record:  # Soft-IntroVAE
+        figures = (f"rec {record['rec_err']:.2f} | {kl} | exp-ELBO rec {record['exp_elbo_rec']:.3g} "
+                   f"fake {record['exp_elbo_fake']:.3g}")
+    else:
+        figures = f"L_AE {record['l_ae']:.2f} | {kl}"
+    return f"step {record['step']} [{record['phase']}] {figures} | {images_per_s:.1f} img/s" + _damage_note(record)
 
 
 def _damage_note(record: dict[str, Any]) -> str:

@@ -30,8 +30,13 @@ class Margin:
     window_kl: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.cfg.margin != "auto":
-            self.chosen = float(self.cfg.margin)
+        if self.active and self.cfg.margin != "auto":
+            self.chosen = float(self.cfg.margin)  # type: ignore[arg-type]
+
+    @property
+    def active(self) -> bool:
+        """Whether the objective has a margin: IntroVAE's hinge has; Soft-IntroVAE has none."""
+        return self.cfg.objective == "introvae"
 
     @property
     def value(self) -> float:
@@ -43,14 +48,14 @@ class Margin:
         """Record one step's mean KL(real) (of the images after ``images_before``); at the last
         warm-up step choose m. Returns the line to log when m was chosen, else None."""
         c = self.cfg
-        if self.chosen is not None or images_before >= c.warmup_images:
+        if not self.active or self.chosen is not None or images_before >= c.warmup_images:
             return None
         if images_before + self.batch_global > c.warmup_images - c.margin_window_images:
             self.window_kl.append(kl_real)
         if images_before + self.batch_global < c.warmup_images:
             return None
         mean_kl = sum(self.window_kl) / len(self.window_kl)
-        self.chosen = c.margin_factor * mean_kl
+        self.chosen = c.margin_factor * mean_kl  # type: ignore[operator]
         return (f"loss.margin=auto: m = {self.chosen:.3f} = loss.margin_factor {c.margin_factor:g} x the mean KL(real) "
                 f"{mean_kl:.3f} of the warm-up's last {len(self.window_kl) * self.batch_global} images "
                 f"(Appendix D: a little larger than the training KL of the VAE)")
@@ -58,7 +63,7 @@ class Margin:
     def require_chosen_after_warmup(self, images_seen: int) -> None:
         """Raise ConfigError when a resume past the warm-up has no m: a run trained with a fixed
         m resumed with ``auto`` (the window it would average is gone, and is never re-measured)."""
-        if self.chosen is None and images_seen >= self.cfg.warmup_images:
+        if self.active and self.chosen is None and images_seen >= self.cfg.warmup_images:
             raise ConfigError(f"loss.margin=auto on a resume at {images_seen} images, after the warm-up of "
                               f"{self.cfg.warmup_images}: this run's checkpoint has no automatic m to keep (it was "
                               "trained with a fixed loss.margin); resume with that value")

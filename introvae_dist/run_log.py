@@ -48,7 +48,8 @@ class RunLog:
         record = {**record, "images_per_s": round(images_per_s, 3), "time": time.time()}
         assert self._file is not None and self._bar is not None
         self._file.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
-        self._bar.set_postfix(img_s=f"{images_per_s:.1f}", l_ae=f"{record['l_ae']:.1f}",
+        reconstruction = {"l_ae": record["l_ae"]} if "l_ae" in record else {"rec": record["rec_err"]}  # Soft-IntroVAE
+        self._bar.set_postfix(img_s=f"{images_per_s:.1f}", **{k: f"{v:.1f}" for k, v in reconstruction.items()},
                               kl=f"{record['kl_real']:.1f}", refresh=False)
         self._bar.update(1)
         return images_per_s

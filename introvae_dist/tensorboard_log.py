@@ -37,11 +37,14 @@ def scalar_tag(name: str) -> str:
     """The TensorBoard tag of a metrics.jsonl field, grouped so that the scalars page shows one
     section per kind: the losses, the six KL terms of Algorithm 1 (real; reconstructions and
     samples as E sees them in its update, ``*_e``, and as the updated E sees them in G's,
-    ``*_g``), the loader's counters, the speed, and the rest (margin, images seen, epoch).
-    The field's own name stays in the tag, so a tag names its metrics.jsonl field."""
+    ``*_g``), Soft-IntroVAE's exponentiated ELBO terms, the loader's counters, the speed, and
+    the rest (margin, images seen, epoch). The field's own name stays in the tag, so a tag
+    names its metrics.jsonl field."""
     if name.startswith("kl_"):
         return f"kl/{name}"
-    if name.startswith("loss_") or name == "l_ae":
+    if name.startswith("exp_elbo_"):
+        return f"exp_elbo/{name}"
+    if name.startswith("loss_") or name in ("l_ae", "rec_err"):
         return f"loss/{name}"
     if name.startswith("data_"):
         return f"data/{name}"

@@ -27,6 +27,8 @@ from introvae_dist.models import build_networks
 from introvae_dist.progress import Progress
 from introvae_dist.run_folder import prepare_run_dir
 from introvae_dist.run_plan import Plan, stream_spec, verify_shard_set
+from introvae_dist.soft_algorithm import REENCODINGS, soft_train_step
+from introvae_dist.soft_losses import SoftWeights
 
 
 class Trainer:
@@ -138,17 +140,30 @@ class Trainer:
         return None
 
     def train_on(self, images: torch.Tensor, phase: str) -> dict[str, torch.Tensor]:
-        """Algorithm 1 on one batch of uint8 images (B, 3, R, R): E's update, then G's; returns
-        this rank's loss figures (not yet reduced over ranks)."""
+        """One iteration of the objective on one batch of uint8 images (B, 3, R, R): E's update,
+        then G's (Algorithm 1, or Soft-IntroVAE's); returns this rank's loss figures (not yet
+        reduced over ranks)."""
         images = images.to(self.device, non_blocking=True)
         # Re-laid out while still uint8 (a quarter of the bytes); the float keeps the layout.
         x = to_unit_float(images.contiguous(memory_format=self.memory_format))
-        noise = StepNoise.sample(x.shape[0], self.cfg.model.latent_dim, self.noise_rng, self.device)
+        latent = self.cfg.model.latent_dim
+        if self.cfg.loss.objective == "soft_introvae":
+            noise = StepNoise.sample(x.shape[0], latent, self.noise_rng, self.device, reencodings=REENCODINGS)
+            return soft_train_step(self.enc, self.gen, x, noise, self._soft_weights(phase), adopt=self._adopt)
+        noise = StepNoise.sample(x.shape[0], latent, self.noise_rng, self.device)
         return train_step(self.enc, self.gen, x, noise, self._loss_weights(phase), order=self.cfg.train.step_order,
                           adopt=self._adopt)
 
     def _loss_weights(self, phase: str) -> LossWeights:
         c = self.cfg.loss
+        assert c.alpha is not None and c.beta is not None and c.l_ae_factor is not None  # objective introvae
         # VAE warm-up (Sec. 4.1): alpha = 0 reduces Eq. 11-12 to a plain VAE.
         return LossWeights(alpha=0.0 if phase == "warmup" else c.alpha, beta=c.beta, margin=self.margin.value,
                            l_ae_factor=c.l_ae_factor)
+
+    def _soft_weights(self, phase: str) -> SoftWeights:
+        c = self.cfg.loss
+        assert c.beta_rec is not None and c.beta_kl is not None and c.beta_neg is not None and c.gamma_r is not None
+        # The warm-up drops the adversarial terms: the plain VAE of Soft-IntroVAE's num_vae epochs.
+        return SoftWeights(beta_rec=c.beta_rec, beta_kl=c.beta_kl, beta_neg=c.beta_neg, gamma_r=c.gamma_r,
+                           adversarial=phase != "warmup")
