@@ -190,3 +190,67 @@ def test_gradient_reduction_dtype_and_scaling_are_explicit() -> None:
         "communication_data_type"] == "bf16"
     assert deepspeed_config(EngineConfig(precision="fp32"), 4, 2)["communication_data_type"] == "fp32"
     assert bf16["prescale_gradients"] is False and bf16["gradient_predivide_factor"] == 1.0
+
+
+# --- loss.objective: each objective's own keys (issue 17) -----------------------------------------
+
+SOFT = "loss.objective=soft_introvae"
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["loss.beta_neg=256"], "loss.beta_neg=256.0 is a key of loss.objective=soft_introvae, but "
+                                "loss.objective=introvae: remove loss.beta_neg or set loss.objective=soft_introvae"),
+        (["loss.gamma_r=0"], "loss.gamma_r=0.0 is a key of loss.objective=soft_introvae"),
+        ([SOFT, "loss.alpha=0.25"], "loss.alpha=0.25 is a key of loss.objective=introvae, but "
+                                    "loss.objective=soft_introvae"),
+        ([SOFT, "loss.margin=auto"], "loss.margin='auto' is a key of loss.objective=introvae"),
+        ([SOFT, "loss.beta_rec=0"], "loss.beta_rec=0.0: expected a positive value"),
+        ([SOFT, "loss.beta_kl=-1"], "loss.beta_kl=-1.0: expected a value >= 0"),
+        ([SOFT, "loss.beta_neg=-256"], "loss.beta_neg=-256.0: expected a value >= 0"),
+        ([SOFT, "loss.gamma_r=.nan"], "loss.gamma_r=nan: expected a finite number"),
+        ([SOFT, "loss.beta_neg=.inf"], "loss.beta_neg=inf: expected a finite number"),
+        (["loss.objective=soft"], "loss.objective='soft': expected one of 'introvae', 'soft_introvae'"),
+    ],
+)
+def test_a_key_of_the_other_objective_or_a_bad_weight_is_refused_by_name(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/cpu_synthetic.yaml", overrides)
+    assert message in str(err.value), str(err.value)
+
+
+def test_a_preset_of_the_other_objective_names_its_key(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.yaml"
+    path.write_text("loss:\n  objective: soft_introvae\n  beta: 0.5\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: loss.beta=0.5 is a key of loss.objective=introvae"):
+        load_config(path)
+
+
+def test_each_objective_fills_only_its_own_defaults() -> None:
+    intro = load_config(None).loss
+    assert (intro.objective, intro.alpha, intro.margin, intro.beta_neg) == ("introvae", 0.25, 110.0, None)
+    soft = load_config(None, [SOFT]).loss
+    assert (soft.beta_rec, soft.beta_kl, soft.beta_neg, soft.gamma_r) == (1.0, 1.0, 256.0, 1e-8)
+    assert soft.alpha is None and soft.margin is None and soft.l_ae_factor is None
+
+
+def test_switching_the_objective_on_the_command_line_drops_the_presets_own_keys_with_a_note() -> None:
+    notes: list[str] = []
+    cfg = load_config("configs/cpu_synthetic.yaml", [SOFT, "loss.beta_neg=64"], notes)
+    assert cfg.loss.objective == "soft_introvae" and cfg.loss.beta_neg == 64.0 and cfg.loss.alpha is None
+    assert cfg.loss.warmup_images == 5600  # shared keys stay
+    assert notes == ["loss.objective=soft_introvae on the command line: configs/cpu_synthetic.yaml's keys of "
+                     "introvae (loss.alpha, loss.beta, loss.margin) are not used"]
+    back = load_config("configs/celebahq_256_soft.yaml", ["loss.objective=introvae"], notes)
+    assert back.loss.beta_neg is None and back.loss.alpha == 0.25
+
+
+def test_the_resolved_config_reads_back_with_the_other_objectives_keys_null(tmp_path: Path) -> None:
+    from introvae_dist.config import dump_config
+
+    for overrides in ([], [SOFT]):
+        cfg = load_config("configs/cpu_synthetic.yaml", overrides)
+        path = tmp_path / "config.yaml"
+        path.write_text(dump_config(cfg))
+        assert load_config(path) == cfg

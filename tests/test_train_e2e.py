@@ -207,3 +207,56 @@ def test_a_data_error_in_one_process_exits_2(tmp_path: Path) -> None:
                 *_overrides(shards, tmp_path / "runs", 50, "data.verify=none", "data.num_workers=2")], timeout_s=120)
     assert proc.returncode == 2, tail(proc)
     assert "samples in a row failed to decode" in proc.stderr, tail(proc)
+
+
+@pytest.mark.slow
+def test_soft_introvae_trains_saves_logs_and_evaluates_under_zero3(tiny_shards: Path, tmp_path: Path) -> None:
+    """loss.objective=soft_introvae through the deepspeed launcher at 2 ranks, both engines
+    under ZeRO-3 in the device's precision (auto): its figures in metrics.jsonl and TensorBoard,
+    the grids, the curves, checkpoints with the EMA, and `evaluate` on the finished run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from introvae_dist.cli import main
+    from introvae_dist.soft_algorithm import SOFT_METRIC_NAMES
+
+    tiny = [o for o in _overrides(tiny_shards, tmp_path / "runs", 6) if not o.startswith("loss.margin=")]
+    proc = run(deepspeed_cmd(2, "launchers/train.py", "--config", "configs/cpu_synthetic.yaml", *tiny,
+                             "loss.objective=soft_introvae", "encoder.zero_stage=3", "generator.zero_stage=3",
+                             "train.sample_every_steps=3", "train.save_every_steps=3"))
+    assert proc.returncode == 0, tail(proc)
+    assert "note: loss.objective=soft_introvae on the command line: configs/cpu_synthetic.yaml's keys of introvae " \
+           "(loss.alpha, loss.beta, loss.margin) are not used" in proc.stderr, tail(proc)
+    run_dir = _only_run(tmp_path / "runs")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert [r["phase"] for r in records] == ["warmup"] * 2 + ["adversarial"] * 4
+    for name in SOFT_METRIC_NAMES:
+        assert all(isinstance(r[name], float) for r in records), name
+    assert "l_ae" not in records[0] and all(r["margin"] is None for r in records)
+    assert all(0 < r["exp_elbo_rec"] <= 1 and 0 < r["exp_elbo_fake"] <= 1 for r in records)
+    assert "exp-ELBO rec" in proc.stdout + proc.stderr  # the log line
+    for step in (3, 6):
+        folder = run_dir / "checkpoints" / f"step_{step:08d}"
+        assert (folder / "MANIFEST.json").is_file() and (folder / "ema.pt").is_file(), folder
+    assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["step_00000003.png", "step_00000006.png"]
+    assert (run_dir / "curves.png").is_file()
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"exp_elbo/exp_elbo_rec", "exp_elbo/exp_elbo_fake", "loss/rec_err", "kl/kl_fake_g"} <= tags, tags
+    assert [e.step for e in events.Scalars("exp_elbo/exp_elbo_fake")] == list(range(1, 7))
+    # Evaluation reads the run like any other: its networks, not its objective.
+    assert main(["evaluate", str(run_dir), "--metrics", "ms_ssim,rmse", "--heldout", str(tiny_shards),
+                 "--ms-ssim-pairs", "4", "--batch", "4"]) == 0
+    (record,) = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert record["step"] == 6 and 0 < record["rmse"] < 1
+
+
+def test_soft_introvae_non_finite_loss_stops_with_exit_3(tiny_shards: Path, tmp_path: Path) -> None:
+    tiny = [o for o in _overrides(tiny_shards, tmp_path / "runs", 4) if not o.startswith("loss.margin=")]
+    proc = run([sys.executable, "launchers/train.py", "--config", "configs/cpu_synthetic.yaml", *tiny,
+                "loss.objective=soft_introvae", "loss.beta_kl=1.0e300", "encoder.precision=fp32",
+                "generator.precision=fp32"])
+    assert proc.returncode == 3, tail(proc)
+    assert "step 1: non-finite loss in" in proc.stderr and "exp_elbo_rec=" in proc.stderr, tail(proc)
+    assert not list((_only_run(tmp_path / "runs") / "checkpoints").glob("step_*"))
