@@ -418,6 +418,9 @@ class Config:
         self.eval.validate()
         self.ema.validate()
         self.run.validate()
+        if self.loss.objective != "introvae" and self.train.step_order != "algorithm1":
+            raise ConfigError(f"train.step_order={self.train.step_order} is a fast path of loss.objective=introvae; "
+                              f"loss.objective={self.loss.objective} has one order: set train.step_order=algorithm1")
 
 
 def _positive(key: str, value: float) -> None:

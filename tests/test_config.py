@@ -212,6 +212,8 @@ SOFT = "loss.objective=soft_introvae"
         ([SOFT, "loss.gamma_r=.nan"], "loss.gamma_r=nan: expected a finite number"),
         ([SOFT, "loss.beta_neg=.inf"], "loss.beta_neg=inf: expected a finite number"),
         (["loss.objective=soft"], "loss.objective='soft': expected one of 'introvae', 'soft_introvae'"),
+        ([SOFT, "train.step_order=shared_encoder"], "train.step_order=shared_encoder is a fast path of "
+                                                    "loss.objective=introvae"),
     ],
 )
 def test_a_key_of_the_other_objective_or_a_bad_weight_is_refused_by_name(overrides: list[str], message: str) -> None:
