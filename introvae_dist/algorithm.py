@@ -82,6 +82,10 @@ class StepNoise:
         extra = torch.randn(reencodings, batch, latent_dim, generator=generator).to(device) if reencodings else None
         return StepNoise(eps=eps, z_prior=z_prior, eps_reencoded=extra)
 
+    def to(self, device: torch.device) -> StepNoise:
+        extra = None if self.eps_reencoded is None else self.eps_reencoded.to(device)
+        return StepNoise(eps=self.eps.to(device), z_prior=self.z_prior.to(device), eps_reencoded=extra)
+
     def rows(self, index: slice) -> StepNoise:
         """The noise of images `index` of the batch (a rank's share of a global batch)."""
         extra = None if self.eps_reencoded is None else self.eps_reencoded[:, index]

@@ -8,6 +8,8 @@ reuses the CPU test of the same property and changes only what a GPU changes:
   both sides, within the rounding tolerance of the two-rank CPU case;
 * resume against one go (test_resume.py's check), at one rank, within a tolerance: cuDNN may
   sum a backward in another order in another process;
+* Soft-IntroVAE's step against the authors' loop of test_soft_distributed.py, ZeRO 1-3, the
+  reference on the same GPU, TF32 off on both sides;
 * `introvae-dist sample --device cuda` on a checkpoint trained on the GPU (ZeRO 2 and 3):
   the grid is written, and one seed gives the same bytes twice.
 
@@ -29,6 +31,8 @@ from PIL import Image
 from conftest import deepspeed_cmd, run, tail
 from test_inference import CLI, PAD_PX, TINY_RUN, TRAIN_STEPS
 from test_resume import GPU_RESUME_TOL, check_resume_matches_one_go
+from test_soft_distributed import TOL as SOFT_TOL
+from test_soft_distributed import differences as soft_differences
 from test_step_equivalence import EXPECTED_CASES, ROUNDING_TOL, RUNS, differences
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -70,6 +74,19 @@ def test_two_engine_step_on_the_gpu_matches_algorithm1_under_every_zero_stage(
     moved = max((report["cases"]["zero3_algorithm1"][3]["encoder"][k] - v.float()).abs().max().item()
                 for k, v in report["init"]["encoder"].items() if k in report["cases"]["zero3_algorithm1"][3]["encoder"])
     assert moved > 100 * ROUNDING_TOL, moved
+
+
+def test_soft_introvae_step_on_the_gpu_matches_the_authors_step_under_zero_1_to_3(
+        tmp_path: Path, no_cudnn_tf32: None) -> None:
+    path = tmp_path / "soft_ws1.pt"
+    proc = run(deepspeed_cmd(1, "tests/workers/soft_check.py", str(path)))
+    assert proc.returncode == 0, tail(proc)
+    report = torch.load(path, weights_only=True)
+    assert report["world_size"] == 1 and report["device"] == "cuda:0", report["device"]
+    table = soft_differences(report, CUDA)
+    print("Soft-IntroVAE, largest weight difference to the authors' step on the GPU:",
+          ", ".join(f"{k} {v:.2e}" for k, v in sorted(table.items())))
+    assert max(table.values()) < SOFT_TOL, table
 
 
 def test_resume_on_the_gpu_matches_one_go(tiny_shards: Path, tmp_path: Path) -> None:

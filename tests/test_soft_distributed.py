@@ -37,26 +37,29 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return loaded
 
 
-def authors_weights(report: dict[str, Any]) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
+def authors_weights(report: dict[str, Any], device: torch.device = torch.device("cpu")
+                    ) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
+    """The authors' step on the whole batch, on `device` (the worker's: tests/test_cuda.py
+    compares a GPU run with the same GPU's arithmetic); weights returned on the CPU."""
     enc = Encoder(RES_PX, LATENT, WIDTHS, norm="group", checkpointing=False)
     gen = Generator(RES_PX, LATENT, WIDTHS, norm="group", checkpointing=False)
     enc.load_state_dict(report["init"]["encoder"])
     gen.load_state_dict(report["init"]["generator"])
+    enc.to(device), gen.to(device)  # before the optimisers, so that their state is made there
     authors = Authors(enc, gen, SoftWeights(**report["weights"]), lr=report["lr"], betas=report["betas"],
                       eps=report["eps"], fused=report["fused_adam"])
     out = {}
     for step, (x, eps, z_prior, eps_reencoded) in enumerate(report["inputs"], start=1):
-        authors.step(x, StepNoise(eps=eps, z_prior=z_prior, eps_reencoded=eps_reencoded))
+        authors.step(x.to(device), StepNoise(eps=eps, z_prior=z_prior, eps_reencoded=eps_reencoded).to(device))
         if step in (1, report["steps"]):
-            out[step] = {"encoder": {k: p.detach().clone() for k, p in enc.named_parameters()},
-                         "generator": {k: p.detach().clone() for k, p in gen.named_parameters()}}
+            out[step] = {"encoder": {k: p.detach().cpu().clone() for k, p in enc.named_parameters()},
+                         "generator": {k: p.detach().cpu().clone() for k, p in gen.named_parameters()}}
     return out
 
 
-@pytest.mark.slow
-def test_two_ranks_zero_1_to_3_match_the_authors_step_after_1_and_3_steps(report: dict[str, Any]) -> None:
-    assert sorted(report["cases"]) == ["zero1", "zero2", "zero3"] and report["world_size"] == 2
-    want = authors_weights(report)
+def differences(report: dict[str, Any], device: torch.device = torch.device("cpu")) -> dict[str, float]:
+    """'zeroN step S NETWORK' -> the largest weight difference to the authors' step on `device`."""
+    want = authors_weights(report, device)
     table = {}
     for case, got in report["cases"].items():
         for step in (1, report["steps"]):
@@ -64,6 +67,13 @@ def test_two_ranks_zero_1_to_3_match_the_authors_step_after_1_and_3_steps(report
                 g, w = got["weights"][step][net], want[step][net]
                 assert g.keys() == w.keys()
                 table[f"{case} step {step} {net}"] = max((g[k] - w[k]).abs().max().item() for k in w)
+    return table
+
+
+@pytest.mark.slow
+def test_two_ranks_zero_1_to_3_match_the_authors_step_after_1_and_3_steps(report: dict[str, Any]) -> None:
+    assert sorted(report["cases"]) == ["zero1", "zero2", "zero3"] and report["world_size"] == 2
+    table = differences(report)
     assert all(diff <= TOL for diff in table.values()), table
 
 

@@ -8,7 +8,10 @@ fp32 weights (the optimiser's master copy) after step 1 and step 3. Rank 0 saves
 weights, every step's inputs and noise, the counts and the weights to the path given last, so
 that the test runs the authors' step on exactly the same numbers.
 
-GroupNorm, because its output does not depend on how the batch is split over ranks.
+GroupNorm, because its output does not depend on how the batch is split over ranks. The
+engines run on the rank's device (`engine.init_distributed`: cuda:LOCAL_RANK over NCCL on a GPU
+machine, tests/test_cuda.py at one rank; the CPU over gloo), with cuDNN's TF32 off as in
+tests/workers/step_check.py, so that both sides compute fp32 convolutions in fp32.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     world = world_from_env()
     device = engine.init_distributed()
+    torch.backends.cudnn.allow_tf32 = False  # see the module docstring; no effect on the CPU
     per_rank = BATCH_GLOBAL // world.world_size
     rows = slice(world.rank * per_rank, (world.rank + 1) * per_rank)
     rng = torch.Generator().manual_seed(DATA_SEED)
@@ -72,7 +76,7 @@ def main() -> None:
               for _ in range(STEPS)]
     enc0, gen0 = networks()
     report: dict[str, object] = {
-        "world_size": world.world_size, "steps": STEPS, "lr": LR, "betas": BETAS, "eps": EPS,
+        "world_size": world.world_size, "device": str(device), "steps": STEPS, "lr": LR, "betas": BETAS, "eps": EPS,
         "fused_adam": EngineConfig.fused_adam, "weights": dataclasses.asdict(WEIGHTS),
         "init": {"encoder": enc0.state_dict(), "generator": gen0.state_dict()},
         "inputs": [(x, n.eps, n.z_prior, n.eps_reencoded) for x, n in inputs], "cases": {},
@@ -87,7 +91,7 @@ def main() -> None:
         after: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
         for step, (x, noise) in enumerate(inputs, start=1):
             hook = (lambda phase: counts.__setitem__(phase, dict(calls.calls))) if step == 1 else None
-            soft_train_step(e, g, x[rows].to(device), noise.rows(rows), WEIGHTS, on_gradients=hook,  # type: ignore[arg-type]
+            soft_train_step(e, g, x[rows].to(device), noise.rows(rows).to(device), WEIGHTS, on_gradients=hook,  # type: ignore[arg-type]
                             adopt=engine.adopt_outputs)
             if step in (1, STEPS):
                 after[step] = {"encoder": engine.full_fp32_params(e), "generator": engine.full_fp32_params(g)}
