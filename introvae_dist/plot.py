@@ -17,6 +17,20 @@ curves for one run:
   reconstructions and samples is only watched, not pushed towards m;
 - each curve a centred moving average, with its raw values drawn faint behind.
 
+A Soft-IntroVAE run (``loss.objective: soft_introvae``, Daniel & Tamar 2021; soft_losses.py),
+told from its records (they hold ``rec_err`` and ``exp_elbo_rec``, never ``l_ae``), is drawn
+the same way with what differs in its objective:
+
+- the two KL panels without an m line: Soft-IntroVAE has no margin (its records' ``margin``
+  is null throughout);
+- the reconstruction panel shows ``rec_err``, rec(x, x_r) as a sum of squared errors per
+  image (no 0.5 factor), in place of L_AE;
+- a fourth panel, in a taller figure, with E's exponentiated ELBO of x_r and x_p
+  (``exp_elbo_rec``, ``exp_elbo_fake``: exp(-2 s ELBO), in (0, 1], with ELBO written as the
+  loss beta_rec rec + beta_neg KL, as soft_losses.exp_neg_elbo has it) on a log scale: E
+  minimises them, so they fall by orders of magnitude once the warm-up ends; drawn in the
+  colours of reconstructions and samples in the KL panels.
+
 Drawn with matplotlib's object-oriented API on an Agg canvas, never pyplot: no global figure
 state, so the trainer can call :func:`render_curves` in the middle of a run without a display
 and without touching any other figure.
@@ -46,12 +60,18 @@ from introvae_dist.run_log import METRICS_NAME
 CURVES_NAME = "curves.png"
 #: The fields drawn; a field a file lacks is left out of the figure.
 KL_FIELDS = ("kl_real", "kl_rec_e", "kl_fake_e", "kl_rec_g", "kl_fake_g")
-FIELDS = (*KL_FIELDS, "l_ae", "margin", "images_seen")
+#: E's exponentiated ELBO of x_r and x_p, only in Soft-IntroVAE's records.
+EXP_ELBO_FIELDS = ("exp_elbo_rec", "exp_elbo_fake")
+FIELDS = (*KL_FIELDS, "l_ae", "rec_err", *EXP_ELBO_FIELDS, "margin", "images_seen")
 
 # 10 x 9 inches at 100 dpi: a 1000 x 900 px PNG, readable at a glance and small (~100 KB).
 FIGSIZE_IN = (10.0, 9.0)
+#: A Soft-IntroVAE run's figure: 2.5 inches taller for its fourth panel, so that the other three
+#: keep about the size they have in an IntroVAE run's (1000 x 1150 px).
+FIGSIZE_SOFT_IN = (10.0, 11.5)
 DPI = 100
-# Colours: one per kind of image in both KL panels (matplotlib's tab10). The warm-up shading is
+# Colours: one per kind of image in both KL panels and the exp-ELBO panel (matplotlib's tab10);
+# Soft-IntroVAE's rec_err takes L_AE's, as it takes its panel. The warm-up shading is
 # a pale yellow that no curve (drawn or faint) produces, so it stays recognisable.
 COLOURS = {"real": "#1f77b4", "rec": "#ff7f0e", "fake": "#2ca02c", "margin": "#d62728", "l_ae": "#9467bd"}
 WARMUP_COLOUR = "#fff3b0"
@@ -87,7 +107,8 @@ def render_curves(run_dir: Path, out: Path | None = None, smoothing_steps: int |
 
     ``smoothing_steps``: the moving-average window; default about 1/50 of the run's steps (at
     least 1, no smoothing). The margin comes from the records' ``margin`` field, or for records
-    without one (files written before it existed) from ``loss.margin`` in ``run_dir/config.yaml``.
+    without one (files written before it existed) from ``loss.margin`` in ``run_dir/config.yaml``;
+    a Soft-IntroVAE run (:func:`is_soft_introvae`) has none, and gets its own panels.
 
     Raises PlotError (naming the path) if ``run_dir`` is not a run folder with records, or
     ``out`` is a folder; OSError if writing fails.
@@ -108,6 +129,13 @@ def render_curves(run_dir: Path, out: Path | None = None, smoothing_steps: int |
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     write_atomic(out, lambda stream: _save_png(figure, stream), tmp=tmp)
     return out
+
+
+def is_soft_introvae(curves: Curves) -> bool:
+    """Whether the records are a Soft-IntroVAE run's: they hold its figures (``rec_err``,
+    ``exp_elbo_*``) where IntroVAE's hold ``l_ae``. Told from the records rather than
+    config.yaml, which a copied metrics.jsonl may come without."""
+    return "exp_elbo_rec" in curves.values or "rec_err" in curves.values
 
 
 def default_smoothing_steps(num_steps: int) -> int:
@@ -200,7 +228,11 @@ def _number(value: Any) -> float:
 def _margin(curves: Curves, run_dir: Path) -> np.ndarray | None:
     """m per step, (N,): the records' own; for records without the field (a file written before
     it existed, or a run begun before and resumed after) loss.margin of config.yaml. NaN where
-    a record's margin is null; None when no record has one and config.yaml says nothing."""
+    a record's margin is null; None when no record has one and config.yaml says nothing, and for
+    a Soft-IntroVAE run, which has no m (its records' null margin would otherwise still put
+    "margin m" in the legend)."""
+    if is_soft_introvae(curves):
+        return None
     recorded = curves.margin_recorded
     if recorded.all():
         return curves.values["margin"]
@@ -221,9 +253,12 @@ def _configured_margin(run_dir: Path) -> float | None:
     if not path.is_file():
         return None
     try:
-        return load_config(path).loss.margin
+        margin = load_config(path).loss.margin
     except ConfigError:  # a config.yaml of another version: the curves are still worth drawing
         return None
+    # Only a number is a line to draw: null (Soft-IntroVAE) and "auto" (chosen during the run,
+    # which such old records do not say) are no m at all.
+    return float(margin) if isinstance(margin, (int, float)) and not isinstance(margin, bool) else None
 
 
 def _run_name(run_dir: Path) -> str:
@@ -242,13 +277,16 @@ def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
 # --- drawing ---------------------------------------------------------------------------------
 
 def _draw(curves: Curves, margin: np.ndarray | None, window: int, name: str) -> Figure:
-    figure = Figure(figsize=FIGSIZE_IN, dpi=DPI, layout="constrained")
+    soft = is_soft_introvae(curves)
+    figure = Figure(figsize=FIGSIZE_SOFT_IN if soft else FIGSIZE_IN, dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
-    kl_e, kl_g, l_ae = figure.subplots(3, 1, sharex=True, gridspec_kw={"height_ratios": [1, 1, 0.8]})
+    ratios = [1, 1, 0.8, 0.8] if soft else [1, 1, 0.8]
+    panels_axes = figure.subplots(len(ratios), 1, sharex=True, gridspec_kw={"height_ratios": ratios})
+    kl_e, kl_g, reconstruction = panels_axes[:3]
     kl_g.sharey(kl_e)
     steps = curves.steps.astype(np.float64)
     x = _decimation(len(steps))
-    for axes in (kl_e, kl_g, l_ae):
+    for axes in panels_axes:
         _shade_warmup(axes, steps, curves.warmup)
         axes.grid(True, linewidth=0.5, alpha=0.4)
     panels = ((kl_e, "KL as E sees them, in its update (Eq. 11)", ("kl_real", "kl_rec_e", "kl_fake_e")),
@@ -263,19 +301,51 @@ def _draw(curves: Curves, margin: np.ndarray | None, window: int, name: str) -> 
             axes.plot(steps[x.smooth], margin[x.smooth], color=COLOURS["margin"], linestyle="--", linewidth=1.4,
                       drawstyle="steps-post", zorder=3)
     _kl_limits(kl_e, curves, margin)
-    l_ae.set_title("reconstruction error L_AE (Eq. 10)", fontsize=10, loc="left")
-    l_ae.set_ylabel("L_AE per image")
-    if "l_ae" in curves.values:
-        _curve(l_ae, curves, "l_ae", COLOURS["l_ae"], window, x)
-        finite = curves.values["l_ae"][np.isfinite(curves.values["l_ae"])]
-        if len(finite) and finite.min() > 0 and finite.max() >= 10 * finite.min():
-            l_ae.set_yscale("log")
-    l_ae.set_xlabel("step")
-    l_ae.set_xlim(steps[0] - 0.5, steps[-1] + 0.5)
+    _reconstruction_panel(reconstruction, curves, window, x, soft)
+    if soft:
+        _exp_elbo_panel(panels_axes[3], curves, window, x)
+    panels_axes[-1].set_xlabel("step")
+    panels_axes[-1].set_xlim(steps[0] - 0.5, steps[-1] + 0.5)
     _images_axis(kl_e, curves)
     figure.suptitle(_title(curves, name, window))
-    figure.legend(handles=_legend(curves, margin), loc="outside lower center", ncols=7, fontsize=9, frameon=False)
+    figure.legend(handles=_legend(curves, margin, soft), loc="outside lower center", ncols=7, fontsize=9,
+                  frameon=False)
     return figure
+
+
+def _reconstruction_panel(axes: Any, curves: Curves, window: int, x: _Decimation, soft: bool) -> None:
+    """L_AE (Eq. 10), or for Soft-IntroVAE its reconstruction term rec(x, x_r): a sum of squared
+    errors per image without L_AE's factor (loss.l_ae_factor, 0.5 by default), so the same
+    reconstruction reads twice as high, and the title says which of the two it is. Log scale
+    once it spans a factor of 10."""
+    if soft:
+        field = "rec_err"
+        axes.set_title("reconstruction error rec(x, x_r) (Soft-IntroVAE: sum of squared errors per image)",
+                       fontsize=10, loc="left")
+        axes.set_ylabel("rec_err per image")
+    else:
+        field = "l_ae"
+        axes.set_title("reconstruction error L_AE (Eq. 10)", fontsize=10, loc="left")
+        axes.set_ylabel("L_AE per image")
+    if field in curves.values:
+        _curve(axes, curves, field, COLOURS["l_ae"], window, x)
+        finite = curves.values[field][np.isfinite(curves.values[field])]
+        if len(finite) and finite.min() > 0 and finite.max() >= 10 * finite.min():
+            axes.set_yscale("log")
+
+
+def _exp_elbo_panel(axes: Any, curves: Curves, window: int, x: _Decimation) -> None:
+    """Soft-IntroVAE's E minimises exp(-2 s ELBO) of x_r and x_p (their batch means in E's
+    update), pushing their ELBO loss up: values in (0, 1] that fall by orders of magnitude,
+    hence a log scale (where any value is positive: a log axis of nothing but zeros and NaN is
+    an error)."""
+    axes.set_title("E's exp(-2 s ELBO) of x_r and x_p (Soft-IntroVAE)", fontsize=10, loc="left")
+    axes.set_ylabel("exp(-2 s ELBO)")
+    for field, kind in zip(EXP_ELBO_FIELDS, ("rec", "fake")):
+        _curve(axes, curves, field, COLOURS[kind], window, x)
+    values = np.concatenate([curves.values[f] for f in EXP_ELBO_FIELDS if f in curves.values] or [np.array([])])
+    if (values[np.isfinite(values)] > 0).any():
+        axes.set_yscale("log")
 
 
 @dataclass(frozen=True)
@@ -368,15 +438,20 @@ def _title(curves: Curves, name: str, window: int) -> str:
     return f"{name}: step {last:,}{seen} ({smoothing})"
 
 
-def _legend(curves: Curves, margin: np.ndarray | None) -> Sequence[Any]:
-    handles: list[Any] = [Line2D([], [], color=COLOURS[k], linewidth=1.6, label=label) for k, label in
-                          (("real", "KL real"), ("rec", "KL reconstructions"), ("fake", "KL samples"))]
+def _legend(curves: Curves, margin: np.ndarray | None, soft: bool) -> Sequence[Any]:
+    # Soft-IntroVAE's colours stand for a kind of image in the KL and the exp-ELBO panels alike,
+    # so its labels name the images; its warm-up has no alpha, but drops the same terms.
+    kinds = ((("real", "real x"), ("rec", "reconstructions x_r"), ("fake", "samples x_p")) if soft else
+             (("real", "KL real"), ("rec", "KL reconstructions"), ("fake", "KL samples")))
+    handles: list[Any] = [Line2D([], [], color=COLOURS[k], linewidth=1.6, label=label) for k, label in kinds]
     if margin is not None:
         handles.append(Line2D([], [], color=COLOURS["margin"], linestyle="--", linewidth=1.4, label="margin m"))
-    if "l_ae" in curves.values:
-        handles.append(Line2D([], [], color=COLOURS["l_ae"], linewidth=1.6, label="L_AE"))
+    reconstruction = ("rec_err", "rec_err (sum of squares)") if soft else ("l_ae", "L_AE")
+    if reconstruction[0] in curves.values:
+        handles.append(Line2D([], [], color=COLOURS["l_ae"], linewidth=1.6, label=reconstruction[1]))
     if curves.warmup.any():
-        handles.append(Patch(facecolor=WARMUP_COLOUR, label="VAE warm-up (alpha = 0)"))
+        label = "VAE warm-up (no adversarial terms)" if soft else "VAE warm-up (alpha = 0)"
+        handles.append(Patch(facecolor=WARMUP_COLOUR, label=label))
     return handles
 
 

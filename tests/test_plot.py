@@ -1,5 +1,6 @@
 """The Fig. 5 curves of a run: drawn from the metrics.jsonl of a real short training run and
-from hand-written ones, and checked in the PNG's pixels; the `plot` command and its bad input."""
+from hand-written ones (among them a Soft-IntroVAE run's), and checked in the PNG's pixels; the
+`plot` command and its bad input."""
 
 from __future__ import annotations
 
@@ -15,14 +16,16 @@ from PIL import Image
 from conftest import deepspeed_cmd, run, tail
 from introvae_dist import cli
 from introvae_dist.exit_codes import EXIT_BAD_INPUT, EXIT_OK
-from introvae_dist.plot import (COLOURS, DPI, FIGSIZE_IN, WARMUP_COLOUR, PlotError, default_smoothing_steps,
-                                moving_average, read_curves, render_curves, smooth_by_phase)
+from introvae_dist.plot import (COLOURS, DPI, FIGSIZE_IN, FIGSIZE_SOFT_IN, WARMUP_COLOUR, PlotError,
+                                _configured_margin, default_smoothing_steps, is_soft_introvae, moving_average,
+                                read_curves, render_curves, smooth_by_phase)
 
 #: 12 steps of 4 images, the first 4 steps (16 images) the VAE warm-up.
 TINY = ["model.resolution_px=16", "model.widths=[8,16]", "model.latent_dim=8", "train.batch_global=4",
         "train.log_every_steps=1", "loss.warmup_images=16", "loss.margin=4", "train.sample_every_steps=1000"]
 STEPS, WARMUP_STEPS = 12, 4
 SIZE_PX = (round(FIGSIZE_IN[0] * DPI), round(FIGSIZE_IN[1] * DPI))  # (W, H)
+SOFT_SIZE_PX = (round(FIGSIZE_SOFT_IN[0] * DPI), round(FIGSIZE_SOFT_IN[1] * DPI))  # a fourth panel
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +38,9 @@ def trained_run(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return root / "cpu-synthetic"
 
 
-def _pixels(png: Path) -> np.ndarray:
+def _pixels(png: Path, size: tuple[int, int] = SIZE_PX) -> np.ndarray:
     with Image.open(png) as image:
-        assert image.size == SIZE_PX
+        assert image.size == size
         return np.asarray(image.convert("RGB")).astype(np.int16)  # (H, W, 3)
 
 
@@ -129,6 +132,75 @@ def test_a_margin_chosen_at_the_end_of_the_warmup_is_a_step_line(tmp_path: Path)
     assert rows[0].min() - rows[1].min() > 40, (rows[0].min(), rows[1].min())
     # drawn above the curves that hover on it
     assert red.sum() > 1000
+
+
+def _soft_records(objective: str = "soft_introvae") -> list[dict[str, object]]:
+    """100 steps of a Soft-IntroVAE run's records (the fields of a real one; written by hand, as
+    a real soft run is trained elsewhere in the suite), the first 40 the VAE warm-up: margin
+    null throughout, rec_err falling, E's exp(-2 s ELBO) of x_r and x_p falling from 0.3 to
+    1e-4 at a constant rate, a straight line on a log axis. With objective "introvae", the same
+    KL values as an IntroVAE run's records instead: l_ae for rec_err, no exp-ELBO, m = 60."""
+    rng = np.random.default_rng(0)
+    records: list[dict[str, object]] = []
+    for step in range(1, 101):
+        warmup = step <= 40
+        record: dict[str, object] = {
+            "step": step, "images_seen": 16 * step, "epoch": 0, "phase": "warmup" if warmup else "adversarial",
+            "kl_real": 40 + rng.normal(), "kl_rec_e": 45 + 3 * rng.normal(), "kl_fake_e": 50 + 3 * rng.normal(),
+            "kl_rec_g": 45 + 3 * rng.normal(), "kl_fake_g": 50 + 3 * rng.normal()}
+        if objective == "soft_introvae":
+            exp_elbo = 0.3 * (1e-4 / 0.3) ** ((step - 1) / 99)
+            record.update(rec_err=2000.0 / step, exp_elbo_rec=exp_elbo * np.exp(0.1 * rng.normal()),
+                          exp_elbo_fake=0.7 * exp_elbo * np.exp(0.1 * rng.normal()), margin=None)
+        else:
+            record.update(l_ae=1000.0 / step, margin=60.0)
+        records.append(record)
+    return records
+
+
+def test_a_soft_introvae_runs_curves_have_no_m_and_a_log_panel_of_es_exp_elbo(tmp_path: Path) -> None:
+    """A Soft-IntroVAE run (told from its records alone: no config.yaml here) is drawn taller,
+    with a fourth panel of exp_elbo_rec / exp_elbo_fake in the colours of reconstructions and
+    samples, rec_err where L_AE would be, and no m line; the same KL values as IntroVAE
+    records keep IntroVAE's three panels and their m."""
+    _write_metrics(tmp_path / "soft", _soft_records())
+    _write_metrics(tmp_path / "introvae", _soft_records("introvae"))
+    assert is_soft_introvae(read_curves(tmp_path / "soft" / "metrics.jsonl"))
+    assert not is_soft_introvae(read_curves(tmp_path / "introvae" / "metrics.jsonl"))
+
+    pixels = _pixels(render_curves(tmp_path / "soft", smoothing_steps=5), SOFT_SIZE_PX)
+
+    height, width = pixels.shape[:2]
+    assert _mask(pixels, COLOURS["margin"]).sum() == 0  # Soft-IntroVAE has no m: no line, no legend entry
+    assert _mask(pixels, COLOURS["l_ae"]).sum() > 400  # rec_err, in L_AE's panel and colour
+    # The fourth panel spans about 75-93 % of the height, between the third and the legend:
+    # exp_elbo_rec and exp_elbo_fake across it (some 900 px each).
+    panel = slice(int(0.74 * height), int(0.94 * height))
+    orange, green = (_mask(pixels[panel], COLOURS[kind]) for kind in ("rec", "fake"))
+    assert orange.sum() > 400 and green.sum() > 400, (orange.sum(), green.sum())
+    # A log axis: falling at a constant rate, exp_elbo_rec is a straight line, ~80 px lower at
+    # 75 % of the width (step ~75) than at 30 % (step ~26); on a linear axis up to 0.3 both of
+    # its values there (0.04 and 0.0007) would lie within ~25 px of the floor.
+    early, late = (np.flatnonzero(orange[:, int(f * width)]) for f in (0.3, 0.75))
+    assert len(early) and len(late)
+    assert late.mean() - early.mean() > 60, (early.mean(), late.mean())
+
+    pixels = _pixels(render_curves(tmp_path / "introvae", smoothing_steps=5))  # IntroVAE's 1000 x 900 px
+    assert _mask(pixels, COLOURS["margin"]).sum() > 400
+
+
+def test_a_soft_introvae_config_yaml_gives_no_margin(tmp_path: Path) -> None:
+    """loss.margin null (Soft-IntroVAE's config.yaml) and "auto" (chosen during the run, which
+    records without the margin field do not say) are no m line; a number is one."""
+    for text, expected in (("loss: {objective: soft_introvae, margin: null}\n", None),
+                           ("loss: {margin: auto, warmup_images: 64, margin_window_images: 64}\n", None),
+                           ("loss: {margin: 42}\n", 42.0)):
+        (tmp_path / "config.yaml").write_text(text)
+        assert _configured_margin(tmp_path) == expected, text
+    # a soft run's records without the margin field, beside such a config.yaml: no m either
+    _write_metrics(tmp_path, [{k: v for k, v in r.items() if k != "margin"} for r in _soft_records()])
+    (tmp_path / "config.yaml").write_text("loss: {objective: soft_introvae, margin: null}\n")
+    assert _mask(_pixels(render_curves(tmp_path), SOFT_SIZE_PX), COLOURS["margin"]).sum() == 0
 
 
 def test_smoothing_is_centred_ignores_nan_and_stops_at_the_phase_change() -> None:
