@@ -289,8 +289,10 @@ def _draw(curves: Curves, margin: np.ndarray | None, window: int, name: str) -> 
     for axes in panels_axes:
         _shade_warmup(axes, steps, curves.warmup)
         axes.grid(True, linewidth=0.5, alpha=0.4)
-    panels = ((kl_e, "KL as E sees them, in its update (Eq. 11)", ("kl_real", "kl_rec_e", "kl_fake_e")),
-              (kl_g, "KL as G sees them, through the updated E (Eq. 12)", ("kl_real", "kl_rec_g", "kl_fake_g")))
+    # The equations each view belongs to: IntroVAE's, or Soft-IntroVAE's L_E and L_G (soft_losses.py).
+    eq_e, eq_g = ("L_E of Soft-IntroVAE", "L_G of Soft-IntroVAE") if soft else ("Eq. 11", "Eq. 12")
+    panels = ((kl_e, f"KL as E sees them, in its update ({eq_e})", ("kl_real", "kl_rec_e", "kl_fake_e")),
+              (kl_g, f"KL as G sees them, through the updated E ({eq_g})", ("kl_real", "kl_rec_g", "kl_fake_g")))
     for axes, title, fields in panels:
         axes.set_title(title, fontsize=10, loc="left")
         axes.set_ylabel("KL (nats per image)")
