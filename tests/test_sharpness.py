@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 from introvae_dist.data.synthetic import render_image
 from introvae_dist.metrics.ms_ssim import gaussian_window_1d
-from introvae_dist.metrics.sharpness import LUMA_WEIGHTS, high_frequency_share, laplacian_variance, luma, radial_frequency
+from introvae_dist.metrics.sharpness import (
+    LUMA_WEIGHTS, high_frequency_share, laplacian_variance, luma, radial_frequency,
+)
 
 
 def _grey(rows: torch.Tensor) -> torch.Tensor:
@@ -22,7 +24,8 @@ def _grey(rows: torch.Tensor) -> torch.Tensor:
 
 def _scenes(n: int, size_px: int = 32) -> torch.Tensor:
     """(n, 3, S, S) in [0, 1]: the synthetic scenes training uses (shapes, faces, gradients)."""
-    return torch.stack([torch.from_numpy(np.array(render_image(i, size_px))).permute(2, 0, 1) for i in range(n)]).double() / 255
+    images = [torch.from_numpy(np.array(render_image(i, size_px))).permute(2, 0, 1) for i in range(n)]
+    return torch.stack(images).double() / 255
 
 
 def _blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
