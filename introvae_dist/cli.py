@@ -7,7 +7,7 @@
     introvae-dist sample SOURCE --grid FILE.png               # seeded samples: PNGs, a grid or shards
     introvae-dist reconstruct SOURCE IMAGES... --out FILE.png # input | reconstruction pairs
     introvae-dist interpolate SOURCE A B [C...] --out FILE.png  # latent strips as the paper's Fig. 6
-    introvae-dist evaluate SOURCE --real SHARDS [--heldout SHARDS]  # FID, MS-SSIM, RMSE/PSNR -> eval.jsonl
+    introvae-dist evaluate SOURCE --real SHARDS [--heldout SHARDS]  # FID, MS-SSIM, RMSE/PSNR, sharpness -> eval.jsonl
     introvae-dist plot RUN [--out FILE.png]                   # training curves as the paper's Fig. 5
 
 SOURCE is an exported weights file, a checkpoint step folder or a run folder (its newest
@@ -521,26 +521,30 @@ def _default_device() -> str:
 
 def _add_evaluate_command(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
-        "evaluate", help="FID, MS-SSIM and reconstruction RMSE/PSNR, appended as a JSON line",
+        "evaluate", help="FID, MS-SSIM, reconstruction RMSE/PSNR and sharpness, appended as a JSON line",
         description="FID of --num-images samples against the first --num-real images of --real (statistics of "
         "the real set cached by content hash in --cache), MS-SSIM over --ms-ssim-pairs pairs of samples as PGGAN "
-        "computes it, and RMSE/PSNR of reconstructions of --heldout. Under a launcher (torchrun, deepspeed "
-        "--module) the work is split over all ranks. Results are appended to RUN/eval.jsonl (or --out). "
+        "computes it, RMSE/PSNR of reconstructions of --heldout, and sharpness (variance of the Laplacian, share of "
+        "spectral power above half Nyquist) of the --num-images samples and of the first --num-real images of --real. "
+        "Under a launcher (torchrun, deepspeed --module) the work is split over all ranks. Results are appended to "
+        "RUN/eval.jsonl (or --out). "
         "docs/EVALUATION.md has the protocols.",
     )
     parser.set_defaults(run=lambda args: _run_with_models(args, _run_evaluate))
     _add_model_arguments(parser, batch=32)
     parser.add_argument("--metrics", metavar="LIST",
-                        help="comma-separated, of fid, ms_ssim, rmse (default: fid,ms_ssim, and rmse with --heldout)")
+                        help="comma-separated, of fid, ms_ssim, rmse, sharpness (default: fid,ms_ssim, and rmse with "
+                        "--heldout)")
     data = parser.add_argument_group("data")
-    data.add_argument("--real", metavar="SHARDS", help="FID's real images: a shard folder, manifest.json, pattern")
+    data.add_argument("--real", metavar="SHARDS",
+                      help="FID's and sharpness's real images: a shard folder, manifest.json, pattern")
     data.add_argument("--num-real", type=_positive_int, default=50_000, metavar="N",
                       help="use the first N real images, or all if fewer (default: %(default)s)")
     data.add_argument("--heldout", metavar="SHARDS", help="held-out real images for RMSE/PSNR")
     data.add_argument("--num-heldout", type=_positive_int, metavar="N", help="the first N held-out images (default: all)")
     protocol = parser.add_argument_group("protocol")
     protocol.add_argument("--num-images", type=_positive_int, default=50_000, metavar="N",
-                          help="generated images for FID (default: %(default)s, the paper's)")
+                          help="generated images for FID and sharpness (default: %(default)s, the paper's for FID)")
     protocol.add_argument("--ms-ssim-pairs", type=_positive_int, default=10_000, metavar="N",
                           help="pairs of samples for MS-SSIM (default: %(default)s, the paper's)")
     protocol.add_argument("--ms-ssim-px", type=_positive_int, default=128, metavar="PX",

@@ -302,12 +302,13 @@ class EvalConfig:
 
     #: 0: off.
     every_steps: int = 0
-    #: Of "fid", "ms_ssim", "rmse" (rmse needs heldout_shards).
-    metrics: list[Literal["fid", "ms_ssim", "rmse"]] = field(default_factory=lambda: ["fid", "ms_ssim"])
-    #: Generated images for FID (the paper's protocol uses 50,000; this is a quick look).
+    #: Of "fid", "ms_ssim", "rmse", "sharpness" (rmse needs heldout_shards; sharpness compares
+    #: the first num_images samples with the first num_real images of real_shards).
+    metrics: list[Literal["fid", "ms_ssim", "rmse", "sharpness"]] = field(default_factory=lambda: ["fid", "ms_ssim"])
+    #: Generated images for FID and sharpness (the paper's FID uses 50,000; this is a quick look).
     num_images: int = 1000
     ms_ssim_pairs: int = 500
-    #: FID's real images; null: data.shards. The first num_real of them.
+    #: FID's and sharpness's real images; null: data.shards. The first num_real of them.
     real_shards: str | None = None
     num_real: int = 5000
     #: Held-out images for RMSE/PSNR; the first num_heldout of them.
@@ -329,7 +330,7 @@ class EvalConfig:
         for name in ("num_images", "ms_ssim_pairs", "num_real", "num_heldout", "batch_per_rank"):
             _positive(f"eval.{name}", getattr(self, name))
         if not self.metrics:
-            raise ConfigError("eval.metrics is empty: expected some of fid, ms_ssim, rmse")
+            raise ConfigError("eval.metrics is empty: expected some of fid, ms_ssim, rmse, sharpness")
         if "rmse" in self.metrics and not self.heldout_shards:
             raise ConfigError("eval.metrics has rmse: set eval.heldout_shards to the held-out images")
 

@@ -1,5 +1,5 @@
-"""``introvae-dist evaluate`` and the evaluation during training: FID, MS-SSIM and
-reconstruction error, each rank doing its share.
+"""``introvae-dist evaluate`` and the evaluation during training: FID, MS-SSIM,
+reconstruction error and sharpness, each rank doing its share.
 
 Protocols (docs/EVALUATION.md has them in full):
 
@@ -14,12 +14,16 @@ Protocols (docs/EVALUATION.md has them in full):
   (128): larger samples are box-downsampled to it, smaller ones are measured at their size.
 * Reconstruction: RMSE and PSNR (peak 1, per image, averaged) of G(mu) against the first
   ``num_heldout`` images of a held-out shard set.
+* Sharpness (:mod:`introvae_dist.metrics.sharpness`): the mean variance of the Laplacian and
+  the mean share of spectral power above half Nyquist, of the first ``num_generated``
+  samples and of FID's real images (the first ``num_real`` of the real set), both 8-bit at
+  the model's resolution, so the two can be compared.
 
 Samples are those of ``introvae-dist sample --seed`` (:mod:`introvae_dist.inference`): the
-same images for any number of ranks; images ``[0, max(num_generated, 2 * pairs))`` serve both
-FID and MS-SSIM. Every rank takes a contiguous run of whole batches of each list, and the
-sums (feature statistics, MS-SSIM values, squared errors) are added over ranks; rank 0
-computes the figures. No DeepSpeed or YAML here: the trainer hands in its section.
+same images for any number of ranks; images ``[0, max(num_generated, 2 * pairs))`` serve FID,
+sharpness and MS-SSIM. Every rank takes a contiguous run of whole batches of each list, and
+the sums (feature statistics, MS-SSIM values, squared errors, sharpness values) are added over
+ranks; rank 0 computes the figures. No DeepSpeed or YAML here: the trainer hands in its section.
 """
 
 from __future__ import annotations
@@ -52,11 +56,12 @@ from introvae_dist.metrics.fid import FeatureExtractor, FeatureStats, frechet_di
 from introvae_dist.metrics.inception import FEATURE_DIM, InceptionWeightsError, how_to_get_weights, load_fid_inception
 from introvae_dist.metrics.ms_ssim import PGGAN_WEIGHTS, ms_ssim
 from introvae_dist.metrics.pixels import mse_per_image, psnr_db
+from introvae_dist.metrics.sharpness import high_frequency_share, laplacian_variance
 from introvae_dist.models import param_dtype
 from introvae_dist.rank_work import Workers
 from introvae_dist.run_log import EVAL_LOG_NAME  # noqa: F401  (the run folder's eval log; re-exported)
 
-METRICS = ("fid", "ms_ssim", "rmse")
+METRICS = ("fid", "ms_ssim", "rmse", "sharpness")
 #: Environment variables: the Inception weights file, and the cache folder of real statistics.
 INCEPTION_ENV = "INTROVAE_DIST_INCEPTION"
 CACHE_ENV = "INTROVAE_DIST_CACHE"
@@ -98,8 +103,8 @@ class EvalPlan:
 
     @property
     def num_samples(self) -> int:
-        """Generated images needed: FID's and MS-SSIM's share one list."""
-        return max(self.num_generated if "fid" in self.metrics else 0,
+        """Generated images needed: FID's, sharpness's and MS-SSIM's share one list."""
+        return max(self.num_generated if {"fid", "sharpness"} & set(self.metrics) else 0,
                    2 * self.ms_ssim_pairs if "ms_ssim" in self.metrics else 0)
 
 
@@ -138,9 +143,9 @@ def plan_evaluation(metrics: tuple[str, ...] | list[str], resolution_px: int, *,
     """Check the request against the model before any image is drawn.
 
     Raises:
-        EvaluationInputError: unknown metric, FID without a real set, RMSE without a held-out
-            set, shards that cannot be read or store images smaller than the model's, MS-SSIM
-            at a size it cannot measure, an odd batch with MS-SSIM, non-positive counts.
+        EvaluationInputError: unknown metric, FID or sharpness without a real set, RMSE without
+            a held-out set, shards that cannot be read or store images smaller than the model's,
+            MS-SSIM at a size it cannot measure, an odd batch with MS-SSIM, non-positive counts.
     """
     metrics = tuple(dict.fromkeys(metrics))
     unknown = [m for m in metrics if m not in METRICS]
@@ -148,9 +153,13 @@ def plan_evaluation(metrics: tuple[str, ...] | list[str], resolution_px: int, *,
         raise EvaluationInputError(f"metrics {','.join(metrics) or '(none)'}: expected some of {','.join(METRICS)}")
     if "fid" in metrics and not real:
         raise EvaluationInputError("FID needs a real shard set to compare with (--real SHARDS)")
+    if "sharpness" in metrics and not real:
+        raise EvaluationInputError("sharpness compares samples with real images: it needs a real shard set "
+                                   "(--real SHARDS)")
     if "rmse" in metrics and not heldout:
         raise EvaluationInputError("RMSE/PSNR need a held-out shard set (--heldout SHARDS)")
-    plan = EvalPlan(metrics, resolution_px, real=_shard_set(real, resolution_px) if "fid" in metrics else None,
+    needs_real = "fid" in metrics or "sharpness" in metrics
+    plan = EvalPlan(metrics, resolution_px, real=_shard_set(real, resolution_px) if needs_real else None,
                     heldout=_shard_set(heldout, resolution_px) if "rmse" in metrics else None, **settings)
     for name in ("num_generated", "ms_ssim_pairs", "ms_ssim_px", "num_real", "batch"):
         if getattr(plan, name) <= 0:
@@ -214,11 +223,13 @@ def evaluate(encoder: nn.Module, generator: nn.Module, plan: EvalPlan, workers: 
 def _sample_figures(generator: nn.Module, plan: EvalPlan, workers: Workers, features: FeatureNetwork | None,
                     pad_forwards: bool, bar: _ProgressFactory) -> dict[str, Any]:
     num_fid = plan.num_generated if "fid" in plan.metrics else 0
+    num_sharp = plan.num_generated if "sharpness" in plan.metrics else 0
     num_pairs_images = 2 * plan.ms_ssim_pairs if "ms_ssim" in plan.metrics else 0
     total = plan.num_samples
     share = workers.share(total, plan.batch)
     stats = FeatureStats(features.dim, workers.device) if features is not None and num_fid else None
     ms_ssim_sum = torch.zeros(2, dtype=torch.float64)  # sum of values, number of pairs
+    sharp_sums = torch.zeros(3, dtype=torch.float64)  # see _sharpness_sums
     batches = generated_batches(generator, share.start, share.stop, plan.seed, plan.batch, workers.device)
     done = 0
     with bar(total=len(share), desc="samples (rank 0)") as progress:
@@ -232,6 +243,8 @@ def _sample_figures(generator: nn.Module, plan: EvalPlan, workers: Workers, feat
                 small = _downsample_to(paired.to(torch.float64), plan.ms_ssim_px)
                 values = ms_ssim(small[0::2], small[1::2])
                 ms_ssim_sum += torch.tensor([values.sum().item(), values.numel()], dtype=torch.float64)
+            if first < num_sharp:
+                sharp_sums += _sharpness_sums(pixels[:num_sharp - first])
             done += 1
             progress.update(images.shape[0])
     if pad_forwards:
@@ -248,7 +261,42 @@ def _sample_figures(generator: nn.Module, plan: EvalPlan, workers: Workers, feat
         total_value, pairs = collectives.sum_(ms_ssim_sum).tolist()
         figures.update(ms_ssim=total_value / pairs, ms_ssim_pairs=int(pairs),
                        ms_ssim_px=min(plan.ms_ssim_px, plan.resolution_px))
+    if num_sharp:
+        figures.update(_sharpness_means(collectives.sum_(sharp_sums), "samples"))
+        figures.update(_real_sharpness(plan, workers, bar))
     return figures
+
+
+def _sharpness_sums(pixels: torch.Tensor) -> torch.Tensor:
+    """[sum of Laplacian variances, sum of high-frequency shares, images] of uint8 (n, 3, R, R),
+    float64 on the CPU, for adding over batches and ranks."""
+    x = pixels.to(torch.float64) / 255.0
+    return torch.tensor([laplacian_variance(x).sum().item(), high_frequency_share(x).sum().item(), x.shape[0]],
+                        dtype=torch.float64)
+
+
+def _sharpness_means(sums: torch.Tensor, of: str) -> dict[str, Any]:
+    laplacian_sum, share_sum, count = sums.tolist()
+    return {f"laplacian_var_{of}": laplacian_sum / count, f"hf_share_{of}": share_sum / count,
+            f"sharpness_num_{of}": int(count)}
+
+
+def _real_sharpness(plan: EvalPlan, workers: Workers, bar: _ProgressFactory) -> dict[str, Any]:
+    """Sharpness of FID's real images: the first ``num_real`` of the real set, decoded as training
+    decodes them (read on every call; the figures are cheap next to the samples')."""
+    real = plan.real
+    assert real is not None and real.num_samples is not None
+    total = min(real.num_samples, plan.num_real)
+    share = workers.share(total, plan.batch)
+    sums, read = torch.zeros(3, dtype=torch.float64), ReadStats()
+    with bar(total=len(share), desc="real set, sharpness (rank 0)") as progress:
+        for pixels in read_image_range(real.shards, share.start, share.stop, plan.resolution_px, plan.batch, read):
+            sums += _sharpness_sums(pixels)
+            progress.update(pixels.shape[0])
+    sums = collectives.sum_(sums)
+    if sums[2].item() == 0:
+        raise EvaluationInputError(f"{real.manifest_path or real.spec}: no decodable real image")
+    return {**_sharpness_means(sums, "real"), "sharpness_real": str(real.manifest_path or real.spec)}
 
 
 def _downsample_to(images: torch.Tensor, side_px: int) -> torch.Tensor:
@@ -372,6 +420,11 @@ def summary(record: dict[str, Any]) -> str:
         parts.append(f"MS-SSIM {record['ms_ssim']:.4f} ({record['ms_ssim_pairs']:,} pairs at {record['ms_ssim_px']} px)")
     if "rmse" in record:
         parts.append(f"RMSE {record['rmse']:.4f} PSNR {record['psnr_db']:.2f} dB ({record['recon_num_images']:,} held-out)")
+    if "laplacian_var_samples" in record:
+        parts.append(f"sharpness: Laplacian var {record['laplacian_var_samples']:.4g} vs "
+                     f"{record['laplacian_var_real']:.4g} real, HF share {record['hf_share_samples']:.4f} vs "
+                     f"{record['hf_share_real']:.4f} real ({record['sharpness_num_samples']:,} samples, "
+                     f"{record['sharpness_num_real']:,} real)")
     return " | ".join(parts)
 
 

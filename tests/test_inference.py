@@ -192,13 +192,40 @@ def test_evaluate_ms_ssim_and_rmse_need_no_inception_file(weights: Path, heldout
     assert record["psnr_db"] == pytest.approx(-20 * np.log10(record["rmse"]), abs=3)  # per-image mean vs overall
 
 
+def test_evaluate_sharpness_of_the_sample_stream_and_of_the_real_set(weights: Path, tiny_shards: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The figures are the means of the metric over the samples the other metrics draw (8-bit,
+    as saved) and over the first --num-real images of --real, decoded as training decodes them."""
+    from introvae_dist.data.loader import read_image_range
+    from introvae_dist.data.shard_set import resolve_shard_set
+    from introvae_dist.data.tar_reader import ReadStats
+    from introvae_dist.images import to_uint8
+    from introvae_dist.metrics.sharpness import high_frequency_share, laplacian_variance
+
+    out = tmp_path / "eval.jsonl"
+    assert main(["evaluate", str(weights), "--metrics", "sharpness", "--real", str(tiny_shards), "--num-images", "10",
+                 "--num-real", "20", "--batch", "4", "--seed", "3", "--out", str(out)]) == 0
+    assert "sharpness: Laplacian var" in capsys.readouterr().out
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (record["sharpness_num_samples"], record["sharpness_num_real"]) == (10, 20)
+    assert record["sharpness_real"] == str(tiny_shards / "manifest.json") and "fid" not in record
+    generator = load_models(weights).generator
+    samples = torch.cat([to_uint8(x) for _, x in generated_batches(generator, 0, 10, 3, 4, "cpu")]).double() / 255
+    real = torch.cat(list(read_image_range(resolve_shard_set(str(tiny_shards)).shards, 0, 20, 16, 8, ReadStats())))
+    real = real.double() / 255
+    for name, images in (("samples", samples), ("real", real)):
+        assert record[f"laplacian_var_{name}"] == pytest.approx(laplacian_variance(images).mean().item(), rel=1e-9)
+        assert record[f"hf_share_{name}"] == pytest.approx(high_frequency_share(images).mean().item(), rel=1e-9)
+    assert 0 < record["hf_share_samples"] < 1 and 0 < record["hf_share_real"] < 1
+
+
 # --- bad input -------------------------------------------------------------------------------
 
 def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
     for command, options in [("sample", ["--seed", "--grid", "--shards"]),
                              ("reconstruct", ["--stochastic", "INPUT"]),
                              ("interpolate", ["--steps", "--mode"]),
-                             ("evaluate", ["--num-images", "--inception", "--metrics", "--heldout"])]:
+                             ("evaluate", ["--num-images", "--inception", "--metrics", "--heldout", "sharpness"])]:
         assert main([command, "--help"]) == 0
         text = capsys.readouterr().out
         assert "SOURCE" in text and all(option in text for option in options), (command, text)
@@ -269,8 +296,10 @@ def test_evaluate_without_the_inception_file_fails_at_once_saying_where_to_get_i
     os.environ["INTROVAE_DIST_INCEPTION"] = str(tmp_path / "absent.pth")
     err = _bad_input(capsys, "evaluate", weights, "--real", tiny_shards)
     assert f"{tmp_path / 'absent.pth'}: no such file" in err and FID_INCEPTION_URL in err
-    for argv, message in [(["--metrics", "fid,bogus", "--real", tiny_shards], "expected some of fid,ms_ssim,rmse"),
+    for argv, message in [(["--metrics", "fid,bogus", "--real", tiny_shards],
+                           "metrics fid,bogus: expected some of fid,ms_ssim,rmse,sharpness"),
                           (["--metrics", "fid"], "--real SHARDS"), (["--metrics", "rmse"], "--heldout SHARDS"),
+                          (["--metrics", "sharpness"], "sharpness compares samples with real images"),
                           (["--metrics", "ms_ssim", "--batch", "7"], "must be even")]:
         assert message in _bad_input(capsys, "evaluate", weights, *argv)
     assert not (weights.parent / "eval.jsonl").exists()
@@ -326,7 +355,7 @@ EVAL = {"num_images": 10, "ms_ssim_pairs": 5, "num_real": 16, "num_heldout": 6, 
 def evaluated_run(tiny_shards: Path, heldout: Path, inception_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """2 ranks (torchrun), E at ZeRO-2 and G at ZeRO-3, evaluating at steps 2 and 4."""
     root = tmp_path_factory.mktemp("eval_runs")
-    evaluation = ["eval.every_steps=2", "eval.metrics=[fid,ms_ssim,rmse]", f"eval.heldout_shards={heldout}",
+    evaluation = ["eval.every_steps=2", "eval.metrics=[fid,ms_ssim,rmse,sharpness]", f"eval.heldout_shards={heldout}",
                   f"eval.inception={inception_file}", f"eval.cache_dir={root / 'cache'}",
                   f"eval.num_images={EVAL['num_images']}", f"eval.ms_ssim_pairs={EVAL['ms_ssim_pairs']}",
                   f"eval.num_real={EVAL['num_real']}", f"eval.num_heldout={EVAL['num_heldout']}",
@@ -341,8 +370,8 @@ def evaluated_run(tiny_shards: Path, heldout: Path, inception_file: Path, tmp_pa
 
 
 def _eval_args(source: Path, tiny_shards: Path, heldout: Path, inception_file: Path, out: Path) -> list[object]:
-    return ["evaluate", source, "--real", tiny_shards, "--heldout", heldout, "--inception", inception_file,
-            "--cache", out.parent / "cache", "--out", out, "--num-images", EVAL["num_images"],
+    return ["evaluate", source, "--metrics", "fid,ms_ssim,rmse,sharpness", "--real", tiny_shards, "--heldout", heldout,
+            "--inception", inception_file, "--cache", out.parent / "cache", "--out", out, "--num-images", EVAL["num_images"],
             "--ms-ssim-pairs", EVAL["ms_ssim_pairs"], "--num-real", EVAL["num_real"],
             "--num-heldout", EVAL["num_heldout"], "--batch", EVAL["batch"]]
 
@@ -388,6 +417,9 @@ def test_evaluate_on_the_checkpoint_gives_the_figures_training_logged(
         assert record["ms_ssim"] == pytest.approx(logged["ms_ssim"], abs=1e-9)
         assert record["rmse"] == pytest.approx(logged["rmse"], rel=1e-6)
         assert record["fid"] == pytest.approx(logged["fid"], rel=1e-6)
+        for key in ("laplacian_var_samples", "hf_share_samples", "laplacian_var_real", "hf_share_real"):
+            assert record[key] == pytest.approx(logged[key], rel=1e-6), key
+        assert (record["sharpness_num_samples"], record["sharpness_num_real"]) == (10, 16)
 
 
 @pytest.mark.slow

@@ -234,6 +234,6 @@ def test_fid_inception_file_loads_and_checks(tmp_path: Path) -> None:
 
 def test_metric_modules_import_no_training_dependencies() -> None:
     code = ("import sys, introvae_dist.metrics.fid, introvae_dist.metrics.ms_ssim, introvae_dist.metrics.inception, "
-            "introvae_dist.metrics.pixels; print(sorted(m for m in ('deepspeed', 'yaml', 'webdataset') if m in sys.modules))")
+            "introvae_dist.metrics.pixels, introvae_dist.metrics.sharpness; print(sorted(m for m in ('deepspeed', 'yaml', 'webdataset') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=False)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
