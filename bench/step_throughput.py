@@ -275,11 +275,11 @@ def median_wall_s(times: dict[str, StepTimes], rounds: list[int]) -> dict[str, f
 
 
 def summarise(times: dict[str, StepTimes], rounds: list[int], batch: int, model_flops_per_image: float,
-              peak: PeakTflops | None = None) -> list[Result]:
+              peak: PeakTflops | None = None, reference_variant: str = REFERENCE) -> list[Result]:
     """Medians over `rounds` per variant, and the figures derived from them (MFU over
-    `peak.best` where the peak was measured)."""
+    `peak.best` where the peak was measured; speed ratios to `reference_variant`)."""
     medians = median_wall_s(times, rounds)
-    reference = medians[REFERENCE]
+    reference = medians[reference_variant]
     results = []
     for name, t in times.items():
         tflops = model_flops_per_image * batch / medians[name] / 1e12
