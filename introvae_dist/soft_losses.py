@@ -36,8 +36,9 @@ import torch
 
 @dataclass(frozen=True)
 class SoftWeights:
-    """beta_rec, beta_kl, beta_neg and gamma_r of Soft-IntroVAE; `adversarial` False drops the
-    exponential and G's fake terms, leaving the plain VAE of the warm-up (their num_vae)."""
+    """beta_rec, beta_kl, beta_neg and gamma_r of Soft-IntroVAE; `adversarial` False weights the
+    exponential and G's terms of x_r, x_p by 0, leaving the plain VAE of the warm-up (their
+    num_vae)."""
 
     beta_rec: float
     beta_kl: float

@@ -35,6 +35,14 @@ def test_a_fixed_margin_is_used_from_the_start_and_never_chosen() -> None:
     assert margin.value == 110.0 and margin.observe(32, 5.0) is None and margin.value == 110.0
 
 
+def test_soft_introvae_has_no_margin_to_choose_or_require() -> None:
+    margin = Margin(LossConfig(objective="soft_introvae", warmup_images=64), batch_global=16)
+    assert not margin.active and margin.chosen is None and margin.value == 0.0
+    assert all(margin.observe(images, 20.0) is None for images in range(0, 96, 16))
+    margin.require_chosen_after_warmup(images_seen=1000)  # no m is needed: nothing raised
+    assert margin.state_dict() == {"auto": False, "chosen": None, "window_kl": []}
+
+
 def test_the_state_resumes_the_window_inside_the_warmup_and_keeps_m_after_it() -> None:
     first = _auto()
     for images_before, kl in zip(range(0, 32, 8), [9, 7, 5, 3]):
