@@ -21,7 +21,7 @@ The VAE parts of the two objectives weigh reconstruction differently, as their a
 settings do: IntroVAE's KL + beta L_AE with beta 16 and L_AE's factor 0.5 puts 8 on the summed
 squared error for 1 on KL; Soft-IntroVAE's beta_rec = beta_kl = 1 puts 1 on each. So the
 table compares the objectives at their authors' weights, not at one weighting; --beta-rec 8
-gives Soft-IntroVAE IntroVAE's.
+gives Soft-IntroVAE IntroVAE's, and ``--also-soft-beta-rec 8`` adds such a run beside the others.
 
 Run from the repository root. Arguments after ``--`` are overrides for every run (on top of
 --config and of the bench's own). Runs land in --root as TAG-vae, TAG-introvae, TAG-soft; an
@@ -71,7 +71,6 @@ from introvae_dist.inference import ModelSourceError, find_source, load_models
 from introvae_dist.rank_work import Workers
 from introvae_dist.run_log import METRICS_NAME
 
-OBJECTIVES = ("vae", "introvae", "soft")
 REFERENCE = "introvae"
 OUT_NAME = "side_by_side"
 NO_FID = "no Inception file"
@@ -100,11 +99,13 @@ def run_specs(args: argparse.Namespace, batch: int) -> list[RunSpec]:
         introvae.append(f"loss.margin_window_images={min(4096, warmup_images)}")
     soft = ["loss.objective=soft_introvae", f"loss.beta_rec={args.beta_rec}", f"loss.beta_kl={args.beta_kl}",
             f"loss.beta_neg={args.beta_neg}"]
-    own = {"vae": [*introvae, f"loss.warmup_images={total_images}"],
+    own = {"vae": [*introvae, f"loss.warmup_images={total_images}"],  # the runs, in the table's order
            "introvae": [*introvae, f"loss.warmup_images={warmup_images}"],
            "soft": [*soft, f"loss.warmup_images={warmup_images}"]}
+    for beta_rec in args.also_soft_beta_rec:  # Soft-IntroVAE again at another reconstruction weight
+        own[f"soft-br{beta_rec:g}"] = [*soft, f"loss.beta_rec={beta_rec}", f"loss.warmup_images={warmup_images}"]
     return [RunSpec(o, f"{args.tag}-{o}", [*shared, f"run.name={args.tag}-{o}", *own[o], *args.overrides])
-            for o in OBJECTIVES]
+            for o in own]
 
 
 def finished_step(run_dir: Path) -> int | None:
@@ -258,6 +259,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     soft.add_argument("--beta-rec", type=float, default=1.0)
     soft.add_argument("--beta-kl", type=float, default=1.0)
     soft.add_argument("--beta-neg", type=float, default=256.0)
+    soft.add_argument("--also-soft-beta-rec", type=float, nargs="*", default=[], metavar="BETA_REC",
+                      help="one more Soft-IntroVAE run per value, at that beta_rec (its run: TAG-soft-brVALUE); "
+                           "8 puts IntroVAE's weight on the squared error (see above)")
     ev = parser.add_argument_group("evaluation")
     ev.add_argument("--num-images", type=int, default=1000, help="samples for sharpness and FID")
     ev.add_argument("--num-real", type=int, default=1000, help="real images for sharpness and FID")
