@@ -23,7 +23,6 @@ from torch import nn
 
 from introvae_dist import plain_engine
 from introvae_dist.algorithm import StepNoise
-from introvae_dist.models import Encoder, Generator
 from introvae_dist.plain_engine import PlainEngine
 from introvae_dist.soft_algorithm import REENCODINGS, SOFT_METRIC_NAMES, soft_train_step
 from introvae_dist.soft_losses import (
@@ -35,8 +34,7 @@ from introvae_dist.soft_losses import (
     squared_error_per_image,
 )
 
-RES_PX, LATENT, WIDTHS, BATCH, STEPS = 16, 4, (8, 16), 4, 3
-LR = 2e-4
+from test_algorithm import BATCH, LATENT, LR, RES_PX, STEPS, networks  # the same tiny networks, seeded alike
 #: gamma_r far above the authors' 1e-8, so that its term moves the weights by more than the
 #: tolerance (measured: 1e-8 changes nothing at 16 px); beta_neg as theirs at 32 px, which puts
 #: the exponentials of these networks inside (0.05, 0.9) (checked below).
@@ -139,12 +137,6 @@ class Authors:
         self.opt_e.zero_grad(), self.opt_d.zero_grad()
         loss.backward()
         self.opt_e.step(), self.opt_d.step()
-
-
-def networks(norm: str) -> tuple[Encoder, Generator]:
-    torch.manual_seed(7)
-    return (Encoder(RES_PX, LATENT, WIDTHS, norm, checkpointing=False),  # type: ignore[arg-type]
-            Generator(RES_PX, LATENT, WIDTHS, norm, checkpointing=False))  # type: ignore[arg-type]
 
 
 def step_inputs() -> list[tuple[torch.Tensor, StepNoise]]:

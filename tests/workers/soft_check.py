@@ -29,7 +29,8 @@ from introvae_dist.distributed import world_from_env
 from introvae_dist.models import Encoder, Generator
 from introvae_dist.soft_algorithm import REENCODINGS, soft_train_step
 from introvae_dist.soft_losses import SoftWeights
-from worker_exit import leave  # noqa: E402  (beside this script)
+from grad_check import GradientCalls  # noqa: E402  (beside this script: the per-network hook counts)
+from worker_exit import leave  # noqa: E402
 
 RES_PX, LATENT, WIDTHS, BATCH_GLOBAL, STEPS = 16, 8, (8, 16), 4, 3
 #: As tests/test_soft_introvae.py: gamma_r large enough to move the weights measurably.
@@ -47,17 +48,6 @@ def networks() -> tuple[Encoder, Generator]:
     torch.manual_seed(INIT_SEED)
     return (Encoder(RES_PX, LATENT, WIDTHS, norm="group", checkpointing=True),
             Generator(RES_PX, LATENT, WIDTHS, norm="group", checkpointing=True))
-
-
-class GradientCalls:
-    """Per network, how often a backward computed one of its weights' gradients (a tensor hook
-    fires before ZeRO's own hooks reduce and move the gradient, whatever the stage)."""
-
-    def __init__(self, **modules: torch.nn.Module) -> None:
-        self.calls = dict.fromkeys(modules, 0)
-        for name, module in modules.items():
-            for param in module.parameters():
-                param.register_hook(lambda grad, name=name: self.calls.__setitem__(name, self.calls[name] + 1))
 
 
 def main() -> None:
