@@ -83,6 +83,7 @@ class StepNoise:
         return StepNoise(eps=eps, z_prior=z_prior, eps_reencoded=extra)
 
     def to(self, device: torch.device) -> StepNoise:
+        """The same noise on `device`."""
         extra = None if self.eps_reencoded is None else self.eps_reencoded.to(device)
         return StepNoise(eps=self.eps.to(device), z_prior=self.z_prior.to(device), eps_reencoded=extra)
 
