@@ -59,6 +59,23 @@ def shutdown_distributed() -> None:
     collectives.destroy()
 
 
+def leave_after_failure() -> None:
+    """Leave a gloo process group on an error path where this rank is in no collective (bad
+    input found, a NaN all ranks agreed on), before the interpreter exits.
+
+    Left to the interpreter's teardown, gloo's worker threads can still be alive when it
+    destroys them, and the process aborts ("terminate called without an active exception",
+    exit -6 instead of the status it was returning; seen once in CI on a bad-shards exit;
+    pytorch/pytorch#190489). Leaving the group while the interpreter is whole ends them in
+    order. Under NCCL the group is left to the process's end: destroying it while a peer may
+    still be inside a collective can hang (pytorch/torchtitan#1342), and the peers have been
+    told to stop (peer_failure.report).
+    """
+    peer_failure.stop_watching()
+    if collectives.is_initialized() and collectives.backend_device().type == "cpu":
+        collectives.destroy()
+
+
 def _unlink_shm_allreduce_buffer() -> None:
     """Remove this rank's name of DeepSpeed's CPU shared-memory all-reduce buffer.
 

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# {describe_epoch(stream_spec(cfg, world, plan))}")
         return 0
 
-    from introvae_dist.engine import shutdown_distributed  # imports DeepSpeed
+    from introvae_dist.engine import leave_after_failure, shutdown_distributed  # imports DeepSpeed
     from introvae_dist.trainer import Trainer
 
     try:
@@ -75,12 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         # The other ranks may wait in a collective. The last line is the error itself (a loader
         # worker's error comes with its traceback in the message).
         peer_failure.report(EXIT_BAD_INPUT, str(e).strip().splitlines()[-1])
+        leave_after_failure()
         return EXIT_BAD_INPUT
     except NonFiniteLoss as e:  # every rank sees the same reduced loss and stops at the same step
         print(f"error: {e}", file=sys.stderr)
+        leave_after_failure()
         return EXIT_NON_FINITE
     except BaseException as e:
         # Anything else (a bug, a dead disk): peers must not wait in a collective for this rank.
+        # The group is not left here: this rank may have failed inside a collective, whose
+        # work a gloo group's destroy would wait for.
         peer_failure.report(1, f"{type(e).__name__}: {e}")
         raise
     if stopped_by is not None:
