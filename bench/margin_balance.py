@@ -19,28 +19,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 from introvae_dist.health import FAR_ABOVE_FACTOR
+from introvae_dist.distributed import free_port
 
 KL_TERMS = ("kl_rec_e", "kl_fake_e", "kl_rec_g", "kl_fake_g")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def train(config: Path, root: Path, name: str, factor: float, overrides: list[str]) -> Path:
     run_dir = root / name
     if (run_dir / "metrics.jsonl").is_file():
         return run_dir
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
            "launchers/train.py", "--config", str(config), f"run.root={root}", f"run.name={name}",
            "loss.margin=auto", f"loss.margin_factor={factor}", *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})

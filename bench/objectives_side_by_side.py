@@ -53,7 +53,6 @@ import os
 import platform
 import resource
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -66,6 +65,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from introvae_dist.config import load_config
+from introvae_dist.distributed import free_port
 from introvae_dist.evaluation import evaluate, inception_path, load_inception, plan_evaluation
 from introvae_dist.inference import ModelSourceError, find_source, load_models
 from introvae_dist.rank_work import Workers
@@ -81,12 +81,6 @@ class RunSpec:
     objective: str
     name: str
     overrides: list[str]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_specs(args: argparse.Namespace, batch: int) -> list[RunSpec]:
@@ -128,7 +122,7 @@ def train(config: Path, spec: RunSpec, run_dir: Path, ranks: int) -> dict[str, A
         sys.exit(f"{run_dir}: a run folder without a finished run (no checkpoint of its last step); "
                  "delete it to train it again")
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-           str(_free_port()), "launchers/train.py", "--config", str(config), *spec.overrides]
+           str(free_port()), "launchers/train.py", "--config", str(config), *spec.overrides]
     print(f"# training {spec.name}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})

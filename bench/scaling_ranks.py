@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from introvae_dist.distributed import free_port
 
 RESOLUTION_PX, BATCH_PER_RANK, ZERO_STAGE = 128, 8, 2
 
@@ -66,12 +66,6 @@ def worker(steps: int, out: Path) -> None:
     gathered = collectives.gather_object(mine)
     if world.is_main:
         out.write_text(json.dumps({"world_size": world.world_size, "ranks": gathered}))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def launch(ranks: int, steps: int, out: Path) -> dict[str, object]:

@@ -38,7 +38,9 @@ class World:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it; another process may take it before
+    it is bound again, so a launcher retried on EADDRINUSE is the caller's business)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -70,7 +72,7 @@ def world_from_env(env: MutableMapping[str, str] | None = None) -> World:
         return World(rank=rank, local_rank=local_rank, world_size=world_size, local_world_size=local_world_size)
     env.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
     env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(_free_port()))
+    env.setdefault("MASTER_PORT", str(free_port()))
     return World(rank=0, local_rank=0, world_size=1)
 
 

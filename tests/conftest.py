@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from introvae_dist.data.synthetic import write_synthetic_shards
+from introvae_dist.distributed import free_port  # also imported from here by the tests
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,12 +21,6 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "synthetic"
     write_synthetic_shards(out, num_images=64, size_px=16, images_per_shard=16, seed=0)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run(cmd: list[str], timeout_s: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
