@@ -25,10 +25,11 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
+
+from introvae_dist.precision import cpu_model_and_flags
 
 DEVICE_CHOICES = ("cpu", "cuda")
 CPU = torch.device("cpu")
@@ -133,14 +134,10 @@ def cpu_share_filters(device: torch.device) -> bool:
 
 
 def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (what lscpu prints), else platform's guess."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    """The CPU's model name (introvae_dist.precision reads it, with the flags that decide
+    bf16), else platform's guess."""
+    model, _ = cpu_model_and_flags()
+    return model if model != "unknown" else platform.processor() or "unknown"
 
 
 def device_record(device: torch.device) -> dict[str, object]:

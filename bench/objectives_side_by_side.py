@@ -68,6 +68,7 @@ from introvae_dist.config import load_config
 from introvae_dist.distributed import free_port
 from introvae_dist.evaluation import evaluate, inception_path, load_inception, plan_evaluation
 from introvae_dist.inference import ModelSourceError, find_source, load_models
+from introvae_dist.precision import CPU_BF16_FLAGS, cpu_model_and_flags
 from introvae_dist.rank_work import Workers
 from introvae_dist.run_log import METRICS_NAME
 
@@ -199,19 +200,10 @@ def stack_grids(grids: dict[str, Path], out: Path) -> None:
 
 
 def cpu_info() -> dict[str, Any]:
-    """lscpu's model name and the flags that decide native bf16 (introvae_dist/precision.py)."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip().lower(), value.strip())
-    flags = set(fields.get("flags", "").split())
-    return {"model_name": fields.get("model name", platform.processor() or "unknown"),
-            "bf16_flags": sorted(flags & {"avx512_bf16", "amx_bf16"}), "cpus": os.cpu_count(),
-            "torch": torch.__version__}
+    """The CPU's model name and the flags that decide native bf16 (introvae_dist/precision.py)."""
+    model, flags = cpu_model_and_flags()
+    return {"model_name": model if model != "unknown" else platform.processor() or "unknown",
+            "bf16_flags": sorted(flags & set(CPU_BF16_FLAGS)), "cpus": os.cpu_count(), "torch": torch.__version__}
 
 
 def _fmt(value: Any, spec: str) -> str:

@@ -61,7 +61,7 @@ def bf16_support(device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo")) ->
         has = "has" if native else "has no"
         return Bf16Support(str(device), native, f"{name}, compute capability {capability[0]}.{capability[1]}, "
                                                 f"{has} bf16 tensor cores (from 8.0 on)", f"{name} ({device})")
-    model, flags = _cpu_model_and_flags(cpuinfo)
+    model, flags = cpu_model_and_flags(cpuinfo)
     found = [f for f in CPU_BF16_FLAGS if f in flags]
     if found:
         return Bf16Support("cpu", True, f"CPU {model} has {' and '.join(found)}", f"CPU {model}")
@@ -129,7 +129,9 @@ def choose_channels_last(requested: bool | str, device: torch.device, precisions
     return False, "auto: NCHW, since fp32 convolutions on a CPU run as fast or faster in it"
 
 
-def _cpu_model_and_flags(cpuinfo: Path) -> tuple[str, set[str]]:
+def cpu_model_and_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, set[str]]:
+    """The CPU's model name and feature flags from /proc/cpuinfo (what lscpu prints); "unknown"
+    and no flags where it cannot be read."""
     model, flags = "unknown", set()
     try:
         text = cpuinfo.read_text()
