@@ -38,14 +38,13 @@ from introvae_dist.algorithm import (
     run_in_dtype,
     through_z,
 )
-from introvae_dist.losses import kl_per_image, reparameterize
+from introvae_dist.losses import kl_per_image, reconstruction_per_image, reparameterize
 from introvae_dist.soft_losses import (
     SoftWeights,
     exp_neg_elbo,
     per_pixel_scale,
     soft_encoder_loss,
     soft_generator_loss,
-    squared_error_per_image,
 )
 
 #: The figures of a Soft-IntroVAE step; all are batch means. "_e" / "_g" as in
@@ -85,9 +84,14 @@ def soft_decode(enc: Engine, gen: Engine, x: torch.Tensor, noise: StepNoise, w: 
     # G's engine hooks; soft_generator_phase attaches them before G's own backward.
     x_rec = run_in_dtype(gen.module, gen.module, z_leaf)
     x_fake = run_in_dtype(gen.module, gen.module, noise.z_prior)
-    rec_real = squared_error_per_image(x, x_rec)
+    rec_real = _rec(x, x_rec)
     (grad_z,) = torch.autograd.grad(scale * w.beta_rec * rec_real.mean(), z_leaf, retain_graph=True)
     return SoftDecoded(mu, logvar, z, x_rec, x_fake, rec_real, grad_z, scale)
+
+
+def _rec(target: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """rec(target, x) of soft_losses: the per-image sum of squares, Eq. 10's L_AE without its 0.5."""
+    return reconstruction_per_image(x, target, factor=1.0)
 
 
 def _reencoded(net: Engine | torch.nn.Module, enc_module: torch.nn.Module, images: torch.Tensor, eps: torch.Tensor
@@ -113,8 +117,8 @@ def soft_encoder_phase(enc: Engine, gen: Engine, d: SoftDecoded, noise: StepNois
     kl_rec, z_rec = _reencoded(enc, enc.module, x_rec, eps[0])
     kl_fake, z_fake = _reencoded(enc, enc.module, x_fake, eps[1])
     with frozen(gen.module):
-        rec_rec = squared_error_per_image(x_rec, run_in_dtype(gen.module, gen.module, z_rec))
-        rec_fake = squared_error_per_image(x_fake, run_in_dtype(gen.module, gen.module, z_fake))
+        rec_rec = _rec(x_rec, run_in_dtype(gen.module, gen.module, z_rec))
+        rec_fake = _rec(x_fake, run_in_dtype(gen.module, gen.module, z_fake))
         exp_rec = exp_neg_elbo(rec_rec, kl_rec, d.scale, w)
         exp_fake = exp_neg_elbo(rec_fake, kl_fake, d.scale, w)
         loss = soft_encoder_loss(d.rec_real.detach(), kl_real, exp_rec, exp_fake, d.scale, w)
@@ -140,8 +144,8 @@ def soft_generator_phase(enc: Engine, gen: Engine, d: SoftDecoded, noise: StepNo
         x_rec_rec = run_in_dtype(gen.module, gen.module, z_rec.detach())
         x_fake_rec = run_in_dtype(gen.module, gen.module, z_fake.detach())
         adopt(gen, d.x_rec, d.x_fake, x_rec_rec, x_fake_rec)
-        rec_rec = squared_error_per_image(d.x_rec.detach(), x_rec_rec)
-        rec_fake = squared_error_per_image(d.x_fake.detach(), x_fake_rec)
+        rec_rec = _rec(d.x_rec.detach(), x_rec_rec)
+        rec_fake = _rec(d.x_fake.detach(), x_fake_rec)
         loss = soft_generator_loss(d.rec_real, kl_rec, kl_fake, rec_rec, rec_fake, d.scale, w)
         gen.backward(loss)
         if on_gradients is not None:

@@ -16,7 +16,7 @@ value, so that the weights do not depend on the resolution:
 Conventions, against the authors' train_soft_intro_vae.py:
 
 * rec(a, b) is the sum of squared errors over (C, H, W) per image (their "mse" with sum over
-  pixels); KL is ours (losses.kl_per_image, summed over latent dimensions). Terms outside the
+  pixels): ``losses.reconstruction_per_image(a, b, factor=1.0)``, Eq. 10 without its 0.5; KL is ours (losses.kl_per_image, summed over latent dimensions). Terms outside the
   exponential are averaged over the batch, as theirs; the exponential is taken per image and
   then averaged, as theirs.
 * Inside E's exponential the generated image y is data: its gradient reaches E through E(y)
@@ -51,11 +51,6 @@ def per_pixel_scale(images: torch.Tensor) -> float:
     """s = 1 / (C x H x W) of a batch (B, C, H, W)."""
     _, c, h, w = images.shape
     return 1.0 / (c * h * w)
-
-
-def squared_error_per_image(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """rec(a, b): sum over (C, H, W) of (a - b)^2 in fp32, shape (B,)."""
-    return (a.float() - b.float()).pow(2).flatten(1).sum(dim=1)
 
 
 def exp_neg_elbo(rec: torch.Tensor, kl: torch.Tensor, scale: float, w: SoftWeights) -> torch.Tensor:

@@ -24,7 +24,8 @@ from test_soft_introvae import Authors
 RES_PX, LATENT, WIDTHS = 16, 8, (8, 16)  # the worker's networks, rebuilt from their initial weights
 #: Measured at 2 ranks, every stage alike: at most 2.2e-7 (E) and 1.0e-7 (G) after steps 1 and
 #: 3, the fp32 rounding of the two ranks' mean gradient through Adam (the worker's eps says
-#: why it is 1e-6). One wrong term moves the weights by 4e-4 or more (tests/test_soft_introvae.py).
+#: why it is 1e-6). One wrong term moves the weights by 4e-4 or more (tests/test_soft_introvae.py prints it).
+#: `pytest -rP` prints this table.
 TOL = 1e-6
 
 
@@ -74,6 +75,8 @@ def differences(report: dict[str, Any], device: torch.device = torch.device("cpu
 def test_two_ranks_zero_1_to_3_match_the_authors_step_after_1_and_3_steps(report: dict[str, Any]) -> None:
     assert sorted(report["cases"]) == ["zero1", "zero2", "zero3"] and report["world_size"] == 2
     table = differences(report)
+    print("largest weight difference to the authors' step:",
+          ", ".join(f"{k} {v:.2e}" for k, v in sorted(table.items())))
     assert all(diff <= TOL for diff in table.values()), table
 
 
