@@ -614,7 +614,8 @@ def _add_plot_command(commands: argparse._SubParsersAction) -> None:
         description="Draw RUN/metrics.jsonl as the paper's Fig. 5: the KL of real images, reconstructions and "
         "samples as E sees them (its update, Eq. 11) and as G sees them (Eq. 12) against the margin m, and L_AE, "
         "with the VAE warm-up shaded; each curve a moving average, its raw values faint behind. Healthy: KL real "
-        "settles below m while the KL of reconstructions and samples hovers around it (Theorem 1). The trainer "
+        "settles below m while the KL of reconstructions and samples hovers around it (Theorem 1). A Soft-IntroVAE "
+        "run has no m: its panels show rec_err in place of L_AE and E's exp(-2 s ELBO) of x_r and x_p. The trainer "
         "keeps RUN/curves.png up to date at every sample grid; this draws it at any time, also for a finished run.",
     )
     parser.set_defaults(run=_run_plot)

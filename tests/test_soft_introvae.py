@@ -154,9 +154,10 @@ def assert_same_weights(got: nn.Module, want: nn.Module, what: str) -> None:
         assert torch.allclose(p, q, **TOL), f"{what} {name}: max |diff| {(p - q).abs().max().item():.3g}"
 
 
-#: BatchNorm after step 1 only. Measured: from the same weights its step-3 gradients agree to
-#: 6e-7, but the 1.5e-8 by which the two runs' weights differ after step 2 flips a LeakyReLU
-#: input across 0 in E's first block, and step 3 then differs by 9e-7 (a kink, not a term).
+#: BatchNorm after step 1 only. Its step 3 differs by 9e-7 in E's first block. A one-off
+#: diagnosis (not kept) stepped both from the same weights before every step: the gradients
+#: then agreed to 6e-7 at step 3, so the 1.5e-8 by which the runs' weights differ after step 2
+#: moves an activation across a LeakyReLU kink; it is not a wrong term.
 @pytest.mark.parametrize("norm, checked", [("group", (1, STEPS)), ("batch", (1,))])
 def test_soft_train_step_is_the_authors_step(norm: str, checked: tuple[int, ...]) -> None:
     enc, gen = networks(norm)
