@@ -117,6 +117,21 @@ def test_sum_does_not_change_its_input(world_of_one: None) -> None:
         collectives.destroy()
 
 
+def test_an_error_exit_leaves_a_gloo_group_while_the_interpreter_is_whole(world_of_one: None) -> None:
+    """launchers/train.py's bad-input and NaN exits call engine.leave_after_failure: a gloo group
+    left to the interpreter's teardown aborted a process once (exit -6 for 2). A second call,
+    without a group, does nothing."""
+    from introvae_dist.engine import leave_after_failure
+
+    collectives.init_process_group(torch.device("cpu"), 30.0)
+    try:
+        leave_after_failure()
+        assert not collectives.is_initialized()
+        leave_after_failure()
+    finally:
+        collectives.destroy()
+
+
 def test_more_ranks_on_a_node_than_gpus_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """CUDA is a test double (no GPU here): a node with 2 GPUs, asked for local rank 2."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
